@@ -1,0 +1,32 @@
+# Reflector: `make demo` and `make test` set up everything they need on a fresh Debian 12 host.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: deps demo test test-unit test-system lint bench clean
+
+deps:
+	@bash .ci/deps.sh
+
+demo: deps
+	@$(PY) -m reflector.demo
+
+test: deps
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests
+
+test-unit: deps
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests/unit
+
+test-system: deps
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests/system
+
+lint: deps
+	$(VENV)/bin/ruff check reflector tests
+	$(VENV)/bin/mypy
+
+bench: deps
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts
