@@ -49,7 +49,7 @@ class ServiceConfig:
 class IdentityConfig:
     """The identity key; empty means `<state_dir>/identity.ed25519`."""
 
-    private_key_path: str = ""
+    private_key_path: str = field(default="", metadata={"check": "key_path"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -326,8 +326,26 @@ def _check_string(check: str | None, value: str, key: str) -> None:
         raise _Invalid(key, f'must be a percentage like "50%", got {value!r}')
     if check == "timezone":
         _check_timezone(value, key)
+    if check == "key_path" and value:
+        _check_key_path(value, key)
     if check == "address_or_empty" and value:
         _check_address(value, key)
+
+
+# The key's directory is made private (0700); these shared directories must never be.
+_SHARED_DIRS = frozenset(
+    Path(p) for p in ("/", "/etc", "/var", "/var/lib", "/usr", "/root", "/home", "/tmp", "/opt")
+)
+
+
+def _check_key_path(value: str, key: str) -> None:
+    path = Path(value)
+    if not path.is_absolute():
+        raise _Invalid(key, f"must be an absolute path, got {value!r}")
+    if path.parent in _SHARED_DIRS:
+        raise _Invalid(
+            key, f"must be in a directory of its own (it is made mode 0700), not {path.parent}"
+        )
 
 
 def _check_timezone(value: str, key: str) -> None:
