@@ -12,15 +12,20 @@ import platform
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from reflector import __version__
+from reflector.client.cli import client_app
 from reflector.config import DEFAULT_CONFIG_PATH, Config, config_to_toml, load_config
 from reflector.errors import ConfigError, ReflectorError
 from reflector.fsutil import ensure_private_dir
 from reflector.identity import Identity, load_identity, load_or_create_identity, rotate_identity
+
+if TYPE_CHECKING:
+    from reflector.access.peers import PeerStore
+    from reflector.audit import AuditLog
 
 app = typer.Typer(
     name="reflector",
@@ -31,8 +36,13 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Validate or show the configuration.", no_args_is_help=True)
 trace_app = typer.Typer(help="Decode captured Paramedic Link frames.", no_args_is_help=True)
+peers_app = typer.Typer(help="Manage the authorized appliances.", no_args_is_help=True)
+audit_app = typer.Typer(help="Query and verify the audit trail.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(trace_app, name="trace")
+app.add_typer(peers_app, name="peers")
+app.add_typer(audit_app, name="audit")
+app.add_typer(client_app, name="client")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -177,6 +187,190 @@ def trace_decode(
         except OSError as exc:
             raise ReflectorError(f"{source}: cannot read: {exc.strerror or exc}") from None
     typer.echo(format_trace(decode_trace(data), as_json=as_json))
+
+
+@app.command()
+def serve(config: ConfigOpt = None, state_dir: StateDirOpt = None) -> None:
+    """Run the endpoint: mTLS control port, sessions and test engines, until SIGTERM/SIGINT."""
+    from reflector.server.main import run_serve
+
+    run_serve(resolve_config(config, state_dir))
+
+
+@app.command()
+def pair(
+    ttl: Annotated[str, typer.Option("--ttl", help="Window length: 30s, 10m, 1h.")] = "10m",
+    config: ConfigOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Open a one-time pairing window and print its token (user presence on this host)."""
+    import time
+
+    from reflector.access import pairing
+    from reflector.audit import open_audit_log
+
+    cfg = resolve_config(config, state_dir)
+    if not cfg.access.pairing_enabled:
+        raise ReflectorError(
+            "pairing is disabled (access.pairing_enabled = false); enable it, or authorize the"
+            " appliance with `reflector peers add ID`"
+        )
+    ident, _ = _open_identity(cfg, create=True)
+    token, window = pairing.open_window(cfg.state_dir, parse_duration(ttl), time.time())
+    audit = open_audit_log(cfg.state_dir, ident.endpoint_id, cfg.audit.journald, cfg.audit.jsonl)
+    audit.emit("pairing_open", params={"ttl_sec": int(window.expires_at - window.opened_at)})
+    audit.close()
+    expires = datetime.fromtimestamp(window.expires_at, UTC).isoformat(timespec="seconds")
+    typer.echo(f"Endpoint ID:   {ident.endpoint_id}")
+    typer.echo(f"Pairing token: {token}")
+    typer.echo(f"Valid until:   {expires} (one appliance, once)")
+    typer.echo(
+        "On the appliance: reflector client pair --endpoint HOST:PORT"
+        f" --expect-id {ident.endpoint_id} --token {token}"
+    )
+
+
+def parse_duration(text: str) -> int:
+    """ "90", "90s", "10m", "1h" → seconds; ConfigError (exit 2) otherwise."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    if not number.isdigit():
+        raise ConfigError(f"duration must look like 90s, 10m or 1h, got {text!r}")
+    return int(number) * units[unit]
+
+
+def _peer_store(cfg: Config) -> PeerStore:
+    from reflector.access.peers import PeerStore
+
+    ensure_private_dir(cfg.state_dir)
+    return PeerStore(cfg.state_dir, cfg.access.authorized_peers)
+
+
+def _audit_for(cfg: Config) -> AuditLog:
+    from reflector.audit import open_audit_log
+
+    ident, _ = _open_identity(cfg, create=True)
+    return open_audit_log(cfg.state_dir, ident.endpoint_id, cfg.audit.journald, cfg.audit.jsonl)
+
+
+@peers_app.command("list")
+def peers_list(
+    config: ConfigOpt = None, state_dir: StateDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """List the authorized appliance IDs and where each comes from."""
+    sources = _peer_store(resolve_config(config, state_dir)).sources()
+    if as_json:
+        typer.echo(json.dumps([{"peer_id": p, "source": s} for p, s in sorted(sources.items())]))
+        return
+    if not sources:
+        typer.echo("no authorized peers")
+    for peer_id, source in sorted(sources.items()):
+        typer.echo(f"{peer_id}  ({source})")
+
+
+@peers_app.command("add")
+def peers_add(
+    peer_id: Annotated[str, typer.Argument(help="The appliance's ID (reflector id on it).")],
+    config: ConfigOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Authorize an appliance by its ID (the check characters are verified)."""
+    cfg = resolve_config(config, state_dir)
+    store = _peer_store(cfg)
+    canonical = _canonical_peer(peer_id)
+    if store.add(canonical, via="cli"):
+        audit = _audit_for(cfg)
+        audit.emit("peer_added", peer_id=canonical, reason="cli")
+        audit.close()
+        typer.echo(f"authorized {canonical}")
+    else:
+        typer.echo(f"{canonical} was already authorized")
+
+
+@peers_app.command("remove")
+def peers_remove(
+    peer_id: Annotated[str, typer.Argument(help="The appliance's ID.")],
+    config: ConfigOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Revoke an appliance; a running server closes its open connections within seconds."""
+    cfg = resolve_config(config, state_dir)
+    store = _peer_store(cfg)
+    canonical = _canonical_peer(peer_id)
+    if not store.remove(canonical, via="cli"):
+        raise ReflectorError(f"{canonical} is not an authorized peer")
+    audit = _audit_for(cfg)
+    audit.emit("peer_removed", peer_id=canonical, reason="cli")
+    audit.close()
+    typer.echo(f"revoked {canonical}")
+
+
+def _canonical_peer(text: str) -> str:
+    from reflector.endpoint_id import parse_id
+    from reflector.errors import EndpointIdError
+
+    try:
+        return parse_id(text)
+    except EndpointIdError as exc:
+        raise ConfigError(f"not a valid peer ID {text!r}: {exc}") from None
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = None, state_dir: StateDirOpt = None) -> None:
+    """Check the hash chain of audit.jsonl; name the first broken record."""
+    from reflector.audit import AUDIT_FILE_NAME, verify_chain
+
+    cfg = resolve_config(config, state_dir)
+    path = cfg.state_dir / AUDIT_FILE_NAME
+    result = verify_chain(path)
+    if not result.ok:
+        raise ReflectorError(f"{path}: line {result.line}: {result.reason}")
+    typer.echo(f"{path}: ok, {result.records} records")
+
+
+@audit_app.command("export")
+def audit_export(
+    since: Annotated[datetime | None, typer.Option(help="ISO time, e.g. 2026-12-01T00:00")] = None,
+    until: Annotated[datetime | None, typer.Option(help="ISO time")] = None,
+    peer: Annotated[str | None, typer.Option(help="Only this peer ID")] = None,
+    event: Annotated[str | None, typer.Option(help="Only this event kind")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl",
+    source: Annotated[
+        str, typer.Option(help="journal, file, or auto (journal when journald runs)")
+    ] = "auto",
+    config: ConfigOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Export audit records (for support bundles), from journald or audit.jsonl."""
+    from reflector.audit import (
+        AUDIT_FILE_NAME,
+        EXPORT_FORMATS,
+        EventKind,
+        format_records,
+        read_journal,
+        read_jsonl,
+    )
+
+    cfg = resolve_config(config, state_dir)
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    if event is not None and event not in {k.value for k in EventKind}:
+        raise ConfigError(f"--event: unknown event kind {event!r}")
+    peer_id = _canonical_peer(peer) if peer else None
+    since_utc = since.replace(tzinfo=since.tzinfo or UTC) if since else None
+    until_utc = until.replace(tzinfo=until.tzinfo or UTC) if until else None
+    use_journal = source == "journal" or (
+        source == "auto" and Path("/run/systemd/journal/socket").exists()
+    )
+    if source not in ("auto", "journal", "file"):
+        raise ConfigError(f"--source must be auto, journal or file, got {source!r}")
+    records = (
+        read_journal(since_utc, until_utc, peer_id, event)
+        if use_journal
+        else read_jsonl(cfg.state_dir / AUDIT_FILE_NAME, since_utc, until_utc, peer_id, event)
+    )
+    for line in format_records(records, fmt):
+        sys.stdout.write(line if line.endswith("\n") else line + "\n")
 
 
 def main() -> None:

@@ -334,7 +334,8 @@ def _check_string(check: str | None, value: str, key: str) -> None:
 
 # The key's directory is made private (0700); these shared directories must never be.
 _SHARED_DIRS = frozenset(
-    Path(p) for p in ("/", "/etc", "/var", "/var/lib", "/usr", "/root", "/home", "/tmp", "/opt")
+    Path(p)
+    for p in ("/", "/etc", "/var", "/var/lib", "/usr", "/root", "/home", "/tmp", "/opt")  # noqa: S108
 )
 
 
@@ -357,8 +358,11 @@ def _check_timezone(value: str, key: str) -> None:
         raise _Invalid(key, f"unknown time zone {value!r} (e.g. 'UTC', 'Europe/Berlin')") from None
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """Split "1.2.3.4:4000" or "[::1]:4000" into (host, port); raise ValueError if malformed."""
+def parse_address(text: str, *, allow_ephemeral: bool = False) -> tuple[str, int]:
+    """Split "1.2.3.4:4000" or "[::1]:4000" into (host, port); raise ValueError if malformed.
+
+    Port 0 ("any free port") is only for tests and the demo, never in a config file.
+    """
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ValueError(f'must look like "0.0.0.0:4000" or "[::]:4000", got {text!r}')
@@ -370,6 +374,8 @@ def parse_address(text: str) -> tuple[str, int]:
         if ipaddress.ip_address(host).version != 4:
             raise ValueError(f"IPv6 addresses must be in brackets, got {text!r}")
     port = int(port_text)
+    if port == 0 and allow_ephemeral:
+        return host, port
     if not 1 <= port <= 65535:
         raise ValueError(f"port must be between 1 and 65535, got {port}")
     return host, port

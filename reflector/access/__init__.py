@@ -1,0 +1,1 @@
+"""Who may connect: the allowlist, pairing windows and pre-authentication admission."""

@@ -1,0 +1,1 @@
+"""The appliance side: the Paramedic Link client and the measurement clients built on it."""
