@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
-  python3 python3-venv python3-dev gcc pkg-config libsystemd-dev
+  python3 python3-venv python3-dev python3-wheel gcc pkg-config libsystemd-dev
   nftables libnftables1 iperf3 openssl iproute2 procps util-linux
   systemd systemd-container stunnel4 irtt minisign
 )

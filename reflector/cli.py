@@ -49,6 +49,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
+        readable=False,
         help=f"Config file (default: $REFLECTOR_CONFIG, else {DEFAULT_CONFIG_PATH} if present).",
         show_default=False,
     ),
@@ -56,7 +57,10 @@ ConfigOpt = Annotated[
 StateDirOpt = Annotated[
     Path | None,
     typer.Option(
-        "--state-dir", help="State directory (overrides service.state_dir).", show_default=False
+        "--state-dir",
+        help="State directory (overrides service.state_dir).",
+        show_default=False,
+        readable=False,  # our own check reports it in one line
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]

@@ -38,7 +38,7 @@ TofuOpt = Annotated[
 ]
 ApplianceDirOpt = Annotated[
     Path | None,
-    typer.Option("--state-dir", help="Appliance state dir.", show_default=False),
+    typer.Option("--state-dir", help="Appliance state dir.", show_default=False, readable=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
