@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from reflector import __version__
+from reflector.buildinfo import build_info
 from reflector.client.cli import client_app
 from reflector.config import DEFAULT_CONFIG_PATH, Config, config_to_toml, load_config
 from reflector.errors import ConfigError, ReflectorError
@@ -75,16 +74,6 @@ def resolve_config(config_path: Path | None, state_dir: Path | None) -> Config:
         elif DEFAULT_CONFIG_PATH.exists():
             config_path = DEFAULT_CONFIG_PATH
     return load_config(config_path, state_dir=state_dir)
-
-
-def build_info() -> dict[str, str]:
-    """Version and build facts, shared by `--version`, GetPathMeta and /health."""
-    return {
-        "version": __version__,
-        "python": platform.python_version(),
-        "platform": f"{platform.system().lower()}-{platform.machine()}",
-        "frozen": "yes" if getattr(sys, "frozen", False) else "no",
-    }
 
 
 def _version_callback(value: bool) -> None:

@@ -156,3 +156,112 @@ def meta(
         return (await client.call(GetPathMeta(), PathMeta)).meta
 
     _print(with_client(endpoint, expect_id, tofu, state_dir, body), as_json)
+
+
+def _progress(as_json: bool) -> Callable[[str], None]:
+    """Progress lines go to stderr, so `--json` output on stdout stays machine-readable."""
+
+    def show(text: str) -> None:
+        typer.echo(f"  … {text}", err=True)
+
+    return show
+
+
+def _emit(doc: dict[str, Any], as_json: bool, table: Callable[[dict[str, Any]], str]) -> None:
+    typer.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else table(doc))
+
+
+DurationOpt = Annotated[int, typer.Option("--duration", "-t", min=1, max=3600, help="Seconds.")]
+
+
+@client_app.command()
+def throughput(
+    endpoint: EndpointOpt,
+    expect_id: ExpectOpt = None,
+    tofu: TofuOpt = False,
+    state_dir: ApplianceDirOpt = None,
+    duration: DurationOpt = 10,
+    streams: Annotated[int, typer.Option("--streams", "-P", min=1, max=128)] = 1,
+    reverse: Annotated[bool, typer.Option("--reverse", "-R", help="Endpoint sends.")] = False,
+    udp: Annotated[bool, typer.Option("--udp", "-u", help="UDP (direct mode only).")] = False,
+    bitrate: Annotated[int | None, typer.Option("--bitrate", help="bits/s")] = None,
+    iperf3: Annotated[str, typer.Option("--iperf3", help="iperf3 binary.")] = "/usr/bin/iperf3",
+    as_json: JsonOpt = False,
+) -> None:
+    """Run an iperf3 throughput test through the endpoint's tunnel (or data port)."""
+    from reflector.client.measure import ThroughputOptions
+    from reflector.client.measure import throughput as run_throughput
+    from reflector.client.report import throughput_table
+
+    opts = ThroughputOptions(
+        duration_sec=duration,
+        streams=streams,
+        reverse=reverse,
+        udp=udp,
+        bitrate_bps=bitrate,
+        iperf3_path=iperf3,
+    )
+    appliance = ApplianceIdentity.open(state_dir or default_appliance_dir())
+
+    async def body(client: LinkClient) -> dict[str, Any]:
+        return await run_throughput(client, appliance, opts, _progress(as_json))
+
+    _emit(with_client(endpoint, expect_id, tofu, state_dir, body), as_json, throughput_table)
+
+
+@client_app.command()
+def latency(
+    endpoint: EndpointOpt,
+    expect_id: ExpectOpt = None,
+    tofu: TofuOpt = False,
+    state_dir: ApplianceDirOpt = None,
+    duration: DurationOpt = 10,
+    interval: Annotated[int, typer.Option("--interval", help="ms between probes", min=1)] = 20,
+    size: Annotated[int, typer.Option("--size", help="probe bytes", min=112, max=1472)] = 112,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure RTT, jitter, loss and reordering with authenticated STAMP probes."""
+    from reflector.client.measure import latency as run_latency
+    from reflector.client.report import latency_table
+
+    async def body(client: LinkClient) -> dict[str, Any]:
+        return await run_latency(
+            client,
+            duration_sec=duration,
+            interval_ms=interval,
+            packet_size=size,
+            progress=_progress(as_json),
+        )
+
+    _emit(with_client(endpoint, expect_id, tofu, state_dir, body), as_json, latency_table)
+
+
+@client_app.command()
+def bufferbloat(
+    endpoint: EndpointOpt,
+    expect_id: ExpectOpt = None,
+    tofu: TofuOpt = False,
+    state_dir: ApplianceDirOpt = None,
+    duration: DurationOpt = 10,
+    idle: Annotated[int, typer.Option("--idle", help="Idle baseline seconds.", min=1)] = 5,
+    streams: Annotated[int, typer.Option("--streams", "-P", min=1, max=128)] = 4,
+    reverse: Annotated[bool, typer.Option("--reverse", "-R", help="Load downstream.")] = False,
+    iperf3: Annotated[str, typer.Option("--iperf3", help="iperf3 binary.")] = "/usr/bin/iperf3",
+    as_json: JsonOpt = False,
+) -> None:
+    """Latency idle, then under an iperf3 load, in one grant; report the increase."""
+    from reflector.client.measure import ThroughputOptions
+    from reflector.client.measure import bufferbloat as run_bufferbloat
+    from reflector.client.report import bufferbloat_table
+
+    opts = ThroughputOptions(
+        duration_sec=duration, streams=streams, reverse=reverse, iperf3_path=iperf3
+    )
+    appliance = ApplianceIdentity.open(state_dir or default_appliance_dir())
+
+    async def body(client: LinkClient) -> dict[str, Any]:
+        return await run_bufferbloat(
+            client, appliance, opts, idle_sec=idle, progress=_progress(as_json)
+        )
+
+    _emit(with_client(endpoint, expect_id, tofu, state_dir, body), as_json, bufferbloat_table)

@@ -58,6 +58,8 @@ class LinkProtocol(asyncio.Protocol):
         self.source = source
         # Set by the service once the peer proved it is on the allowlist (or just paired).
         self.authorized = False
+        # Our own address and port as the peer reached them (set on connection_made).
+        self.local: tuple[str, int] | None = None
         self._conn = ServerConnection(max_frame_size=max_frame_size)
         self._idle_timeout = idle_timeout
         self._transport: asyncio.Transport | None = None
@@ -70,6 +72,7 @@ class LinkProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self.local = transport.get_extra_info("sockname")
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self._arm_idle()
         self.service.link_opened(self)

@@ -14,11 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from reflector import meta
 from reflector.audit import AuditLog, open_audit_log
+from reflector.buildinfo import build_info
 from reflector.certificate import ensure_certificate_file
 from reflector.config import Config
 from reflector.fsutil import ensure_private_dir
 from reflector.identity import Identity, load_or_create_identity
+from reflector.server.dataplane import EndpointService
+from reflector.server.health_http import start_health_server
 from reflector.server.listener import Listener
 from reflector.server.service import Service, ServiceDeps
 from reflector.tls import server_context
@@ -36,8 +40,11 @@ class Running:
     service: Service
     listener: Listener
     addresses: list[tuple[str, int]]
+    health_server: asyncio.Server | None = None
 
     async def stop(self, reason: str = "stop requested") -> None:
+        if self.health_server is not None:
+            self.health_server.close()
         await self.listener.close()
         await self.service.close()
         self.audit.emit("service_stop", reason=reason)
@@ -69,8 +76,8 @@ async def start(
     )
     if created:
         audit.emit("identity_created")
-    factory = service_factory or Service
-    service = factory(config, identity, audit, deps)
+    factory = service_factory or EndpointService
+    service = factory(config, identity, audit, deps or default_deps())
     listener = Listener(config.network, context, service)
     try:
         bound = await listener.start(addresses)
@@ -78,8 +85,23 @@ async def start(
         audit.emit("service_stop", reason=f"cannot bind: {exc.strerror}")
         audit.close()
         raise
+    running = Running(config, identity, audit, service, listener, bound)
+    if config.network.health_http_address:
+        info = build_info()
+        running.health_server = await start_health_server(
+            config.network.health_http_address, lambda: meta.health(info)
+        )
     audit.emit("service_start", mode=config.network.mode, params={"listen": _fmt(bound)})
-    return Running(config, identity, audit, service, listener, bound)
+    return running
+
+
+def default_deps() -> ServiceDeps:
+    """The real path-meta and health facts (psutil, pyroute2, adjtimex)."""
+    info = build_info()
+    return ServiceDeps(
+        path_meta=lambda peer: meta.path_meta(peer, info),
+        health=lambda: meta.health(info),
+    )
 
 
 async def serve_forever(running: Running, on_ready: Callable[[], None] | None = None) -> None:

@@ -170,7 +170,7 @@ class Service:
         if isinstance(request, Health):
             return self._health(request)
         if isinstance(request, GetPathMeta):
-            return self._path_meta(link, request)
+            return await self._path_meta(link, request)
         return await self.handle_session_request(link, request)
 
     # --- hooks the data plane fills in (see reflector.server.run)
@@ -187,6 +187,9 @@ class Service:
 
     def on_peer_revoked(self, peer_id: str) -> None:
         """The data plane ends the revoked peer's sessions here."""
+
+    def on_peer_authorized(self, peer_id: str) -> None:
+        """The data plane cancels a reconnecting peer's session grace here."""
 
     def policy_summary(self) -> dict[str, object]:
         q, net, ip = self.config.quotas, self.config.network, self.config.iperf3
@@ -212,6 +215,7 @@ class Service:
             link.authorized = state.was_authorized = True
             self.audit.emit("connection_accept", peer_id=link.peer_id, source_addr=link.source[0])
             self._ensure_watch()
+            self.on_peer_authorized(link.peer_id)
             return ServerHello(
                 request_id=request.request_id,
                 version=PROTOCOL_VERSION,
@@ -253,6 +257,7 @@ class Service:
         self.audit.emit("peer_added", peer_id=link.peer_id, reason="pairing")
         link.authorized = state.was_authorized = True
         self._ensure_watch()
+        self.on_peer_authorized(link.peer_id)
         return PairOk(request_id=request.request_id, peer_id=link.peer_id)
 
     def _health(self, request: Health) -> Response:
@@ -264,12 +269,14 @@ class Service:
             load=float(doc["load"]),  # type: ignore[arg-type]
         )
 
-    def _path_meta(self, link: LinkProtocol, request: GetPathMeta) -> Response:
+    async def _path_meta(self, link: LinkProtocol, request: GetPathMeta) -> Response:
         if self.deps.path_meta is None:
             return ErrorResponse(
                 request_id=request.request_id, code="unsupported", message="no path meta"
             )
-        return PathMeta(request_id=request.request_id, meta=self.deps.path_meta(link.source[0]))
+        # The route lookup may block for a moment (netlink); keep the loop free meanwhile.
+        meta = await asyncio.to_thread(self.deps.path_meta, link.source[0])
+        return PathMeta(request_id=request.request_id, meta=meta)
 
     # --- refusals
 

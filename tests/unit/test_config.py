@@ -113,7 +113,7 @@ def test_peer_ids_are_canonicalized() -> None:
         ),
         ("[quotas.peers.PPXX]\nmax_tests_per_hour = 3", "quotas.peers.PPXX: not a valid peer ID"),
         ("x = ", "not valid TOML"),
-        ("[identity]\nprivate_key_path = 'k.key'", "identity.private_key_path: must be an absolute path"),
+        ("[identity]\nprivate_key_path = 'k.key'", "private_key_path: must be an absolute path"),
         ("[identity]\nprivate_key_path = '/etc/k.key'", "must be in a directory of its own"),
     ],
 )

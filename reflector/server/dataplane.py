@@ -1,0 +1,537 @@
+"""Sessions and test engines behind the control plane (spec §7, §8).
+
+`EndpointService` extends the control-plane `Service` with what a granted session needs: the
+pure `SessionManager` decides, this shell acts. On a grant it starts the engine (an iperf3
+server or the built-in STAMP echo), on close or expiry it stops it, counts the bytes the data
+plane carried (never what the peer claims), keeps the result for `get_result`, and audits
+every step. Expiry runs on one timer armed for the next deadline: nothing wakes up while no
+session exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from reflector.audit import AuditLog
+from reflector.config import Config
+from reflector.engines.iperf import EngineError, IperfServer
+from reflector.engines.udp_echo import UdpEchoReflector, normalize_ip
+from reflector.identity import Identity
+from reflector.link.messages import (
+    ErrorResponse,
+    GetResult,
+    GetStatus,
+    Ok,
+    Request,
+    Response,
+    Result,
+    SessionClose,
+    SessionGrant,
+    SessionRequest,
+    StatusSnapshot,
+    ThroughputParams,
+)
+from reflector.server.link_protocol import LinkProtocol
+from reflector.server.service import Service, ServiceDeps
+from reflector.sessions import Deny, Outcome, Session, SessionManager, TestType, UsageStore
+from reflector.sessions import clock as session_clock
+from reflector.tunnel.relay import TunnelCounters
+from reflector.tunnel.server_end import (
+    TunnelGrant,
+    TunnelRefusal,
+    TunnelRefused,
+    TunnelServerProtocol,
+    connections_for_streams,
+)
+
+_log = logging.getLogger(__name__)
+
+# Finished results kept for `get_result`; an appliance fetches its result right after the
+# test, so a few dozen cover every peer's latest run without unbounded memory.
+MAX_KEPT_RESULTS = 64
+# A port the OS refuses (someone else bound it) is retried with another one from the range.
+MAX_PORT_ATTEMPTS = 3
+# After the engine of a closed session is told to stop, how long we wait for its report.
+ENGINE_STOP_TIMEOUT_SEC = 10.0
+# On a peer's SessionClose, iperf3 (--one-off) is usually finishing on its own: give it this
+# long to write its JSON before it is stopped. Expiry does not wait.
+ENGINE_EXIT_GRACE_SEC = 3.0
+# The latency-under-load probe key of a throughput session, like the UDP echo's (256 bits).
+ECHO_KEY_BYTES = 32
+# get_result while the engine still runs: ask again this soon.
+RESULT_PENDING_RETRY_SEC = 1
+
+
+@dataclass
+class _Run:
+    """The engine side of one active session."""
+
+    session: Session
+    counters: TunnelCounters = field(default_factory=TunnelCounters)
+    iperf: IperfServer | None = None
+    iperf_task: asyncio.Task[None] | None = None
+    echo: UdpEchoReflector | None = None
+    echo_key: tuple[str, int] | None = None
+    echo_secret: bytes | None = None  # throughput sessions: the latency-under-load probe key
+    started_mono: float = field(default_factory=time.monotonic)
+
+
+class EndpointService(Service):
+    """The control plane plus sessions, engines, tunnel and accounting."""
+
+    def __init__(
+        self,
+        config: Config,
+        identity: Identity,
+        audit: AuditLog,
+        deps: ServiceDeps | None = None,
+    ) -> None:
+        super().__init__(config, identity, audit, deps)
+        self.store = UsageStore.open(config.state_dir)
+        self.manager = SessionManager.from_config(config, self.store, session_clock.now())
+        self.runs: dict[str, _Run] = {}
+        self.results: collections.OrderedDict[str, tuple[str, dict[str, Any]]] = (
+            collections.OrderedDict()
+        )
+        self._echoes: dict[tuple[str, int], UdpEchoReflector] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._finishing: set[asyncio.Task[None]] = set()
+
+    # --- control-plane hooks
+
+    async def handle_session_request(self, link: LinkProtocol, request: Request) -> Response:
+        if isinstance(request, SessionRequest):
+            return await self._request(link, request)
+        if isinstance(request, SessionClose):
+            return await self._close(link, request)
+        if isinstance(request, GetStatus):
+            status = self.manager.status(link.peer_id, session_clock.now())
+            return StatusSnapshot(
+                request_id=request.request_id,
+                sessions=tuple(status["sessions"]),
+                quota=status["quota"],
+            )
+        if isinstance(request, GetResult):
+            return self._result(link, request)
+        return await super().handle_session_request(link, request)
+
+    def on_peer_link_closed(self, peer_id: str) -> None:
+        if any(link.peer_id == peer_id and link.authorized for link in self.links):
+            return  # another connection of the same appliance is still open
+        self.manager.peer_disconnected(peer_id, session_clock.now())
+        self._rearm()
+
+    def on_peer_authorized(self, peer_id: str) -> None:
+        self.manager.peer_reconnected(peer_id)
+        self._rearm()
+
+    def on_peer_revoked(self, peer_id: str) -> None:
+        now = session_clock.now()
+        for session in [s for s in self.manager.active_sessions if s.peer_id == peer_id]:
+            closed = self.manager.close(session.session_id, peer_id, now, Outcome.PEER_GONE)
+            if isinstance(closed, Session):
+                self._spawn_finish(closed)
+        self._rearm()
+
+    def tunnel_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol:
+        return TunnelServerProtocol(
+            peer_id, source, self._authorize_tunnel, on_refused=self._tunnel_refused
+        )
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        for session in self.manager.shutdown(session_clock.now()):
+            self._spawn_finish(session)
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
+        for echo in self._echoes.values():
+            echo.close()
+        self._echoes.clear()
+        self.store.close()
+        await super().close()
+
+    def status_line(self) -> str:
+        return f"Endpoint {self.identity.endpoint_id}, {len(self.runs)} active sessions"
+
+    # --- session_request
+
+    async def _request(self, link: LinkProtocol, request: SessionRequest) -> Response:
+        now = session_clock.now()
+        params = _params_dict(request)
+        refusal = self._mode_refusal(request)
+        if refusal is not None:
+            self.audit.emit(
+                "session_deny",
+                peer_id=link.peer_id,
+                test_type=request.test_type,
+                params=params,
+                reason=refusal.code,
+                source_addr=link.source[0],
+            )
+            return dataclasses.replace(refusal, request_id=request.request_id)
+        decision = self.manager.request(link.peer_id, request.test_type, request.params, now)
+        if isinstance(decision, Deny):
+            self.audit.emit(
+                "session_deny",
+                peer_id=link.peer_id,
+                test_type=request.test_type,
+                params=params,
+                reason=decision.reason.value,
+                source_addr=link.source[0],
+            )
+            return ErrorResponse(
+                request_id=request.request_id,
+                code=decision.reason.value,
+                message=decision.message,
+                retry_after=decision.retry_after,
+            )
+        session = decision
+        try:
+            run, ports = await self._start_engine(link, session)
+        except EngineError as exc:
+            self._abort_grant(link, session, exc)
+            return ErrorResponse(request_id=request.request_id, code=exc.code, message=str(exc))
+        self.runs[session.session_id] = run
+        self.audit.emit(
+            "session_grant",
+            peer_id=link.peer_id,
+            test_id=session.session_id,
+            test_type=request.test_type,
+            params=params,
+            mode=session.mode,
+            source_addr=link.source[0],
+        )
+        self.audit.emit(
+            "engine_start",
+            peer_id=link.peer_id,
+            test_id=session.session_id,
+            test_type=request.test_type,
+            pid=run.iperf.pid if run.iperf else None,
+            params={"ports": ports},
+        )
+        self._rearm()
+        fields = run.session.grant_fields()
+        fields["ports"] = ports
+        if run.echo_secret is not None:
+            fields["extra"] = {**fields["extra"], "hmac_key": _b64(run.echo_secret)}
+        return SessionGrant(request_id=request.request_id, **fields)
+
+    def _mode_refusal(self, request: SessionRequest) -> ErrorResponse | None:
+        """UDP throughput cannot ride the TCP tunnel: refuse it before any quota is spent."""
+        params = request.params
+        if (
+            self.config.network.mode == "tunneled"
+            and isinstance(params, ThroughputParams)
+            and params.protocol == "udp"
+        ):
+            return ErrorResponse(
+                code="udp_not_tunneled",
+                message="UDP throughput needs direct_ephemeral mode; this endpoint is tunneled"
+                " (use TCP, or the UDP echo for latency and loss)",
+            )
+        return None
+
+    def _abort_grant(self, link: LinkProtocol, session: Session, exc: EngineError) -> None:
+        closed = self.manager.close(
+            session.session_id, session.peer_id, session_clock.now(), Outcome.FAILED
+        )
+        self.audit.emit(
+            "session_deny",
+            peer_id=link.peer_id,
+            test_id=session.session_id,
+            test_type=session.test_type.value,
+            reason=exc.code,
+            message=f"engine failed to start: {exc}",
+        )
+        if isinstance(closed, Session):
+            self._remember(closed, {"error": {"code": exc.code, "message": str(exc)}})
+
+    async def _start_engine(
+        self, link: LinkProtocol, session: Session
+    ) -> tuple[_Run, dict[str, int]]:
+        local_host = str(link.local[0]) if link.local else "127.0.0.1"
+        control_port = int(link.local[1]) if link.local else 0
+        tunneled = session.mode == "tunneled"
+        if session.test_type is TestType.UDP_ECHO:
+            return self._start_echo(link, session, local_host, control_port, tunneled)
+        bind = "127.0.0.1" if tunneled else local_host
+        run, ports = await self._start_iperf(session, bind, control_port, tunneled)
+        # Every throughput session also answers STAMP probes (its own key, same rate clamp),
+        # so an appliance can measure latency under load within one grant (bufferbloat).
+        secret = secrets.token_bytes(ECHO_KEY_BYTES)
+        try:
+            # On the control port's number over UDP in both modes: in direct mode the data
+            # port's UDP side belongs to iperf3 (UDP tests), and the base ruleset opens it.
+            echo_run, echo_ports = self._start_echo(
+                link, run.session, local_host, control_port, True, secret
+            )
+        except EngineError:
+            if run.iperf is not None:
+                await run.iperf.stop()
+            raise
+        run.echo, run.echo_key, run.echo_secret = echo_run.echo, echo_run.echo_key, secret
+        return run, {**ports, **echo_ports}
+
+    async def _start_iperf(
+        self, session: Session, bind: str, control_port: int, tunneled: bool
+    ) -> tuple[_Run, dict[str, int]]:
+        last_error: EngineError | None = None
+        for _ in range(MAX_PORT_ATTEMPTS):
+            iperf = IperfServer(
+                self.config.iperf3, port=session.port, bind=bind, duration_s=session.duration_sec
+            )
+            try:
+                await iperf.start()
+            except EngineError as exc:
+                last_error = exc
+                if exc.code != "port_unavailable":
+                    raise
+                moved = self.manager.allocate_port(session.session_id, exclude=(session.port,))
+                if moved is None:
+                    raise
+                session = moved
+                continue
+            run = _Run(session=session, iperf=iperf)
+            deadline = time.monotonic() + max(0.0, session.deadline - session_clock.now().boottime)
+            run.iperf_task = asyncio.get_running_loop().create_task(iperf.wait(deadline))
+            ports = {"tunnel": control_port} if tunneled else {"data": session.port}
+            return run, ports
+        assert last_error is not None
+        raise last_error
+
+    def _start_echo(
+        self,
+        link: LinkProtocol,
+        session: Session,
+        local_host: str,
+        control_port: int,
+        tunneled: bool,
+        secret: bytes | None = None,
+    ) -> tuple[_Run, dict[str, int]]:
+        # Tunneled: the control port's number over UDP. Direct: the session's data port (UDP
+        # and TCP are separate port spaces, so an iperf3 on the same number does not clash).
+        port = control_port if tunneled else session.port
+        key = (local_host, port)
+        echo = self._echoes.get(key)
+        if echo is None:
+            try:
+                echo = UdpEchoReflector(key)
+            except OSError as exc:
+                raise EngineError(
+                    "port_unavailable", f"cannot bind UDP {local_host}:{port}: {exc.strerror}"
+                ) from None
+            self._echoes[key] = echo
+        key_bytes = secret if secret is not None else session.hmac_key
+        assert key_bytes is not None
+        left = max(0.0, session.deadline - session_clock.now().boottime)
+        echo.add_session(
+            session.session_id,
+            normalize_ip(link.source[0]),
+            key_bytes,
+            time.monotonic() + left,
+            session.max_pps or self.config.quotas.max_udp_echo_pps,
+        )
+        return _Run(session=session, echo=echo, echo_key=key), {"udp": port}
+
+    # --- session_close, expiry, results
+
+    async def _close(self, link: LinkProtocol, request: SessionClose) -> Response:
+        closed = self.manager.close(request.session_id, link.peer_id, session_clock.now())
+        if not isinstance(closed, Session):
+            return ErrorResponse(
+                request_id=request.request_id, code=closed.code.value, message=closed.message
+            )
+        await self._finish(closed, graceful=True)
+        self._rearm()
+        return Ok(request_id=request.request_id)
+
+    def _result(self, link: LinkProtocol, request: GetResult) -> Response:
+        kept = self.results.get(request.session_id)
+        if kept is not None:
+            owner, result = kept
+            if owner != link.peer_id:
+                return ErrorResponse(
+                    request_id=request.request_id,
+                    code="not_your_session",
+                    message=f"session {request.session_id!r} belongs to another peer",
+                )
+            return Result(
+                request_id=request.request_id, session_id=request.session_id, result=result
+            )
+        run = self.runs.get(request.session_id)
+        if run is not None and run.session.peer_id == link.peer_id:
+            if run.iperf is not None and run.iperf_task is not None and run.iperf_task.done():
+                return Result(
+                    request_id=request.request_id,
+                    session_id=request.session_id,
+                    result=self._iperf_result(run),
+                )
+            return ErrorResponse(
+                request_id=request.request_id,
+                code="result_pending",
+                message="the test is still running; close the session or ask again",
+                retry_after=RESULT_PENDING_RETRY_SEC,
+            )
+        return ErrorResponse(
+            request_id=request.request_id,
+            code="unknown_session",
+            message=f"no result for session {request.session_id!r}",
+        )
+
+    def _rearm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        delay = self.manager.next_timeout(session_clock.now())
+        if delay is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        for session in self.manager.expire(session_clock.now()):
+            self._spawn_finish(session)
+        self._rearm()
+
+    def _spawn_finish(self, session: Session) -> None:
+        task = asyncio.get_running_loop().create_task(self._finish(session))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, session: Session, *, graceful: bool = False) -> None:
+        """Stop the engine of an ended session, account its bytes, keep its result, audit."""
+        run = self.runs.pop(session.session_id, None)
+        if run is None:
+            return
+        run.counters.stop_all()
+        result: dict[str, Any]
+        pid = exit_code = None
+        rx = tx = 0
+        result = {"test_type": session.test_type.value}
+        if run.iperf is not None:
+            await self._stop_iperf(run, graceful)
+            result = self._iperf_result(run)
+            pid, exit_code = run.iperf.pid, run.iperf.exit_code
+            rx, tx = self._iperf_bytes(run, result)
+        if run.echo is not None and run.echo_key is not None:
+            stats = run.echo.remove_session(session.session_id)
+            result["reflector"] = stats.to_dict()
+            rx, tx = rx + stats.rx_bytes, tx + stats.tx_bytes
+            if not run.echo.session_ids():
+                run.echo.close()
+                self._echoes.pop(run.echo_key, None)
+        self.store.record_bytes(session.session_id, rx, tx)
+        self._remember(session, result)
+        self._audit_finish(session, run, pid, exit_code, rx, tx)
+
+    async def _stop_iperf(self, run: _Run, graceful: bool) -> None:
+        assert run.iperf is not None
+        if graceful and run.iperf_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(run.iperf_task), ENGINE_EXIT_GRACE_SEC)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(run.iperf.stop(), ENGINE_STOP_TIMEOUT_SEC)
+        if run.iperf_task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(run.iperf_task, ENGINE_STOP_TIMEOUT_SEC)
+
+    def _iperf_result(self, run: _Run) -> dict[str, Any]:
+        assert run.iperf is not None
+        outcome = run.iperf.result()
+        if isinstance(outcome, EngineError):
+            return {
+                "test_type": "throughput",
+                "error": {"code": outcome.code, "message": str(outcome)},
+            }
+        doc = outcome.to_dict()
+        doc["test_type"] = "throughput"
+        doc["tunnel_bytes"] = {
+            "upstream": run.counters.upstream_bytes,
+            "downstream": run.counters.downstream_bytes,
+        }
+        return doc
+
+    def _iperf_bytes(self, run: _Run, result: dict[str, Any]) -> tuple[int, int]:
+        if run.session.mode == "tunneled":
+            return run.counters.upstream_bytes, run.counters.downstream_bytes
+        totals = result.get("bytes") or {}
+        return int(totals.get("received", 0) or 0), int(totals.get("sent", 0) or 0)
+
+    def _remember(self, session: Session, result: dict[str, Any]) -> None:
+        result = {
+            **result,
+            "session_id": session.session_id,
+            "outcome": session.outcome.value if session.outcome else None,
+        }
+        self.results[session.session_id] = (session.peer_id, result)
+        while len(self.results) > MAX_KEPT_RESULTS:
+            self.results.popitem(last=False)
+
+    def _audit_finish(
+        self, session: Session, run: _Run, pid: int | None, exit_code: int | None, rx: int, tx: int
+    ) -> None:
+        runtime_ms = int((time.monotonic() - run.started_mono) * 1000)
+        common = {
+            "peer_id": session.peer_id,
+            "test_id": session.session_id,
+            "test_type": session.test_type.value,
+        }
+        self.audit.emit(
+            "engine_exit",
+            **common,
+            pid=pid,
+            exit_code=exit_code if exit_code is None or exit_code >= 0 else 128 - exit_code,
+            runtime_ms=runtime_ms,
+        )
+        outcome = session.outcome.value if session.outcome else "closed"
+        self.audit.emit("session_close", **common, reason=outcome, mode=session.mode)
+        self.audit.emit("accounting", **common, bytes_rx=rx, bytes_tx=tx)
+
+    # --- tunnel
+
+    def _authorize_tunnel(self, peer_id: str, session_id: str, token: str) -> TunnelGrant:
+        if not self.peers.is_authorized(peer_id):
+            raise TunnelRefused("unknown_peer", "this appliance is not authorized here")
+        session = self.manager.check_token(session_id, token, peer_id, session_clock.now())
+        if session is None:
+            raise TunnelRefused("bad_token", "no live session of yours with this token")
+        run = self.runs.get(session.session_id)
+        if run is None or run.iperf is None or session.mode != "tunneled":
+            raise TunnelRefused("not_tunneled", "this session has no tunneled engine")
+        return TunnelGrant(
+            target=("127.0.0.1", run.session.port),
+            counters=run.counters,
+            max_connections=connections_for_streams(session.streams or 1),
+        )
+
+    def _tunnel_refused(self, refusal: TunnelRefusal) -> None:
+        self.audit.emit(
+            "connection_deny",
+            peer_id=refusal.peer_id,
+            test_id=refusal.session_id,
+            source_addr=refusal.source[0],
+            reason=refusal.code,
+            mode="tunnel",
+        )
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii")
+
+
+def _params_dict(request: SessionRequest) -> dict[str, Any]:
+    return dataclasses.asdict(request.params)
+
+
+def decode_hmac_key(grant_extra: dict[str, Any]) -> bytes:
+    """The UDP echo key from a grant's `extra` (URL-safe base64)."""
+    return base64.urlsafe_b64decode(str(grant_extra["hmac_key"]))

@@ -1,0 +1,365 @@
+"""Sessions and engines end to end on loopback: real TLS, real iperf3, the real STAMP echo.
+
+Reads as §7/§8 of the spec: a grant runs exactly the engine it names, through the tunnel
+unless the endpoint is in direct mode; only the granted peer with a live token gets through;
+quotas refuse with their reason (and survive a restart); expiry and disconnects stop engines;
+every grant and deny is audited with the bytes the data plane counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Awaitable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from reflector.client import measure
+from reflector.client.link_client import ApplianceIdentity, LinkClient, RemoteError
+from reflector.config import parse_config_text
+from reflector.link.messages import (
+    GetResult,
+    GetStatus,
+    Ok,
+    Result,
+    SessionClose,
+    SessionGrant,
+    SessionRequest,
+    StatusSnapshot,
+    ThroughputParams,
+    UdpEchoParams,
+)
+from reflector.server.run import Running, start
+from reflector.sessions import manager as manager_module
+from reflector.tls import ALPN_TUNNEL
+from reflector.tunnel.client_end import TunnelClient
+
+pytestmark = pytest.mark.slow
+
+BASE = """
+[audit]
+journald = "off"
+[quotas]
+max_tests_per_hour_per_peer = 50
+"""
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 120))  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def endpoint(state: Path, extra: str = "") -> AsyncIterator[Running]:
+    config = parse_config_text(BASE + extra)
+    config = dataclasses.replace(
+        config, service=dataclasses.replace(config.service, state_dir=str(state))
+    )
+    running = await start(config, addresses=["127.0.0.1:0"])
+    try:
+        yield running
+    finally:
+        await running.stop("test over")
+
+
+async def paired_client(ep: Running, tmp_path: Path, name: str = "app") -> LinkClient:
+    app = ApplianceIdentity.open(tmp_path / name)
+    ep.service.peers.add(app.identity.endpoint_id, via="cli")
+    return await LinkClient.connect(("127.0.0.1", ep.addresses[0][1]), app, ep.identity.endpoint_id)
+
+
+def audit(ep: Running) -> list[dict[str, Any]]:
+    path = ep.config.state_dir / "audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def events(ep: Running, kind: str) -> list[dict[str, Any]]:
+    return [r for r in audit(ep) if r["reflector_event"] == kind]
+
+
+def tcp(duration: int = 2, streams: int = 1, reverse: bool = False) -> ThroughputParams:
+    return ThroughputParams(duration_sec=duration, protocol="tcp", streams=streams, reverse=reverse)
+
+
+def echo(duration: int = 2) -> UdpEchoParams:
+    return UdpEchoParams(duration_sec=duration)
+
+
+# --- throughput through the tunnel
+
+
+@pytest.mark.parametrize(("streams", "reverse"), [(1, False), (2, False), (1, True)])
+def test_tunneled_throughput_matches_iperf3_and_is_accounted(
+    tmp_path: Path, streams: int, reverse: bool
+) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep") as ep:
+            client = await paired_client(ep, tmp_path)
+            app = ApplianceIdentity.open(tmp_path / "app")
+            opts = measure.ThroughputOptions(duration_sec=2, streams=streams, reverse=reverse)
+            doc = await measure.throughput(client, app, opts)
+            await client.close()
+            mine, theirs = doc["appliance"], doc["endpoint"]
+            assert doc["mode"] == "tunneled"
+            assert "error" not in theirs, theirs
+            assert mine["streams"] == streams and mine["reverse"] is reverse
+            assert theirs["direction"] == ("download" if reverse else "upload")
+            # The endpoint's view is iperf3's own server JSON, normalized: same bytes.
+            assert theirs["bytes_transferred"] > 0
+            assert theirs["endpoint"]["role"] == ("sender" if reverse else "receiver")
+            # Bytes counted by the relay, not claimed by the peer, reach the ledger.
+            counted = theirs["tunnel_bytes"]
+            payload = counted["downstream"] if reverse else counted["upstream"]
+            # Equal up to what sat in socket buffers when the test ended (and TLS-free framing).
+            assert abs(payload - theirs["bytes_transferred"]) < theirs["bytes_transferred"] * 0.02
+
+            acct = events(ep, "accounting")[-1]
+            assert acct["bytes_rx"] + acct["bytes_tx"] >= payload
+            exits = events(ep, "engine_exit")[-1]
+            assert exits["exit_code"] == 0 and exits["pid"] > 0
+
+    run(body())
+
+
+def test_udp_throughput_is_refused_in_tunneled_mode_before_any_quota(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep") as ep:
+            client = await paired_client(ep, tmp_path)
+            params = ThroughputParams(duration_sec=2, protocol="udp", streams=1, reverse=False)
+            with pytest.raises(RemoteError) as err:
+                await client.call(
+                    SessionRequest(test_type="throughput", params=params), SessionGrant
+                )
+            assert err.value.code == "udp_not_tunneled"
+            status = await client.call(GetStatus(), StatusSnapshot)
+            assert status.quota["tests_left_this_hour"] == 50
+            await client.close()
+            assert events(ep, "session_deny")[-1]["reason"] == "udp_not_tunneled"
+
+    run(body())
+
+
+# --- who may use a tunnel
+
+
+async def tunnel_attempt(ep: Running, app: ApplianceIdentity, session_id: str, token: str) -> str:
+    """Open a tunnel and push one byte; return how it ended."""
+    tunnel = TunnelClient(
+        ("127.0.0.1", ep.addresses[0][1]),
+        app.context(ALPN_TUNNEL),
+        ep.identity.endpoint_id,
+        session_id,
+        token,
+        open_timeout=5,
+    )
+    host, port = await tunnel.start()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"x")
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(reader.read(1), 5)
+    writer.close()
+    await asyncio.sleep(0.2)
+    await tunnel.close()
+    return tunnel.failures[0].code if tunnel.failures else "opened"
+
+
+def test_only_the_granted_peer_with_a_live_token_opens_a_tunnel(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep", "[access]\npairing_enabled = false\n") as ep:
+            client = await paired_client(ep, tmp_path, "owner")
+            grant = await client.call(
+                SessionRequest(test_type="throughput", params=tcp(5)), SessionGrant
+            )
+            owner = ApplianceIdentity.open(tmp_path / "owner")
+            other = ApplianceIdentity.open(tmp_path / "other")
+            ep.service.peers.add(other.identity.endpoint_id, via="cli")
+            stranger = ApplianceIdentity.open(tmp_path / "stranger")
+            sid = grant.session_id
+            assert await tunnel_attempt(ep, owner, sid, "wrong-token") == "bad_token"
+            assert await tunnel_attempt(ep, other, sid, grant.token) == "bad_token"
+            assert await tunnel_attempt(ep, stranger, sid, grant.token) == "unknown_peer"
+            await client.call(SessionClose(session_id=sid), Ok)
+            # Revoked at close: the right token no longer works either.
+            assert await tunnel_attempt(ep, owner, sid, grant.token) == "bad_token"
+            await client.close()
+            reasons = {r.get("reason") for r in events(ep, "connection_deny")}
+            assert {"bad_token", "unknown_peer"} <= reasons
+
+    run(body())
+
+
+# --- quotas and refusals
+
+
+def test_a_second_session_is_refused_while_one_runs(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep") as ep:
+            client = await paired_client(ep, tmp_path)
+            first = await client.call(
+                SessionRequest(test_type="udp_echo", params=echo(5)), SessionGrant
+            )
+            with pytest.raises(RemoteError) as err:
+                await client.call(
+                    SessionRequest(test_type="udp_echo", params=echo(2)), SessionGrant
+                )
+            assert err.value.code == "busy"
+            assert err.value.retry_after is not None and err.value.retry_after > 0
+            status = await client.call(GetStatus(), StatusSnapshot)
+            assert [s["session_id"] for s in status.sessions] == [first.session_id]
+            await client.call(SessionClose(session_id=first.session_id), Ok)
+            await client.close()
+            deny = events(ep, "session_deny")[-1]
+            assert (deny["reason"], deny["decision"]) == ("busy", "deny")
+
+    run(body())
+
+
+def test_the_hourly_quota_survives_a_restart(tmp_path: Path) -> None:
+    limit = BASE.replace("max_tests_per_hour_per_peer = 50", "max_tests_per_hour_per_peer = 2")
+
+    async def one_session(ep: Running) -> None:
+        client = await paired_client(ep, tmp_path)
+        grant = await client.call(
+            SessionRequest(test_type="udp_echo", params=echo(1)), SessionGrant
+        )
+        await client.call(SessionClose(session_id=grant.session_id), Ok)
+        await client.close()
+
+    async def body() -> None:
+        state = tmp_path / "ep"
+        async with endpoint_with(state, limit) as ep:
+            await one_session(ep)
+            await one_session(ep)
+        async with endpoint_with(state, limit) as ep:  # a restart
+            client = await paired_client(ep, tmp_path)
+            with pytest.raises(RemoteError) as err:
+                await client.call(
+                    SessionRequest(test_type="udp_echo", params=echo(1)), SessionGrant
+                )
+            assert err.value.code == "hourly_quota"
+            assert err.value.retry_after is not None and 3000 < err.value.retry_after <= 3600
+            await client.close()
+
+    run(body())
+
+
+@contextlib.asynccontextmanager
+async def endpoint_with(state: Path, text: str) -> AsyncIterator[Running]:
+    config = parse_config_text(text)
+    config = dataclasses.replace(
+        config, service=dataclasses.replace(config.service, state_dir=str(state))
+    )
+    running = await start(config, addresses=["127.0.0.1:0"])
+    try:
+        yield running
+    finally:
+        await running.stop("test over")
+
+
+# --- time limits
+
+
+def iperf_servers() -> list[psutil.Process]:
+    me = psutil.Process()
+    return [p for p in me.children(recursive=True) if p.name() == "iperf3"]
+
+
+def test_expiry_stops_an_engine_nobody_uses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "SETUP_SLACK_SEC", 1)
+
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep") as ep:
+            client = await paired_client(ep, tmp_path)
+            grant = await client.call(
+                SessionRequest(test_type="throughput", params=tcp(1)), SessionGrant
+            )
+            assert len(iperf_servers()) == 1
+            await asyncio.sleep(3.5)  # 1 s test + 1 s slack, and some margin
+            assert iperf_servers() == []
+            status = await client.call(GetStatus(), StatusSnapshot)
+            assert status.sessions == ()
+            result = await client.call(GetResult(session_id=grant.session_id), Result)
+            assert result.result["outcome"] == "expired"
+            assert result.result["error"]["code"] == "iperf3_timeout"
+            # The token died with the session.
+            app = ApplianceIdentity.open(tmp_path / "app")
+            assert await tunnel_attempt(ep, app, grant.session_id, grant.token) == "bad_token"
+            await client.close()
+            assert events(ep, "session_close")[-1]["reason"] == "expired"
+
+    run(body())
+
+
+def test_a_dropped_control_connection_ends_the_session_after_the_grace(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep", "session_grace_sec = 1\n") as ep:
+            client = await paired_client(ep, tmp_path)
+            await client.call(SessionRequest(test_type="throughput", params=tcp(30)), SessionGrant)
+            await client.close()
+            await asyncio.sleep(2.5)
+            assert iperf_servers() == []
+            assert events(ep, "session_close")[-1]["reason"] == "peer_gone"
+
+    run(body())
+
+
+# --- latency and bufferbloat
+
+
+def test_latency_through_the_granted_echo(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep") as ep:
+            client = await paired_client(ep, tmp_path)
+            doc = await measure.latency(client, duration_sec=1, interval_ms=10)
+            await client.close()
+            lat = doc["latency"]
+            assert lat["sent"] == 100 and lat["received"] == 100 and lat["lost"] == 0
+            assert 0 < lat["rtt"]["min_ms"] <= lat["rtt"]["p50_ms"] <= lat["rtt"]["max_ms"]
+            assert lat["reflector_processing"]["p50_ms"] >= 0
+            reflector = doc["endpoint"]["reflector"]
+            assert reflector["rx_packets"] == 100 and reflector["tx_packets"] == 100
+            assert reflector["tx_bytes"] <= reflector["rx_bytes"]  # never amplifies
+            assert events(ep, "accounting")[-1]["bytes_rx"] == reflector["rx_bytes"]
+
+    run(body())
+
+
+def test_bufferbloat_measures_idle_and_loaded_latency_in_one_grant(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep") as ep:
+            client = await paired_client(ep, tmp_path)
+            app = ApplianceIdentity.open(tmp_path / "app")
+            opts = measure.ThroughputOptions(duration_sec=3, streams=2)
+            doc = await measure.bufferbloat(client, app, opts, idle_sec=1, interval_ms=20)
+            await client.close()
+            assert doc["idle"]["received"] > 0 and doc["loaded"]["received"] > 0
+            assert doc["throughput"]["sent_bps"] > 0
+            assert set(doc["increase_ms"]) == {"p50_ms", "p90_ms", "p99_ms"}
+            assert len(events(ep, "session_grant")) == 1
+
+    run(body())
+
+
+# --- direct mode
+
+
+def test_direct_mode_grants_the_data_port(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep", '[network]\nmode = "direct_ephemeral"\n') as ep:
+            client = await paired_client(ep, tmp_path)
+            app = ApplianceIdentity.open(tmp_path / "app")
+            doc = await measure.throughput(client, app, measure.ThroughputOptions(duration_sec=1))
+            assert doc["mode"] == "direct_ephemeral"
+            assert "error" not in doc["endpoint"]
+            udp = measure.ThroughputOptions(duration_sec=1, udp=True, bitrate_bps=10_000_000)
+            doc = await measure.throughput(client, app, udp)
+            assert doc["endpoint"]["endpoint"]["udp"] is not None
+            await client.close()
+
+    run(body())
