@@ -55,8 +55,9 @@ MAX_STREAMS: Final = 128
 MAX_BITRATE_BPS: Final = 100_000_000_000
 # UDP echo pacing: from 1 ms up to one probe every 10 s.
 MAX_INTERVAL_MS: Final = 10_000
-# Echo packets: 44 bytes holds the echo header; 1472 = 1500-byte MTU - 20 (IPv4) - 8 (UDP).
-MIN_PACKET_SIZE: Final = 44
+# Echo packets: 112 bytes is an authenticated STAMP packet (RFC 8762 §4.2.2), the smallest
+# the reflector answers; 1472 = 1500-byte MTU - 20 (IPv4) - 8 (UDP).
+MIN_PACKET_SIZE: Final = 112
 MAX_PACKET_SIZE: Final = 1472
 # A grant names one port per data-plane role (control, data, ...); 16 is far more than needed.
 MAX_PORTS: Final = 16
