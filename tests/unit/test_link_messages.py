@@ -58,7 +58,7 @@ REQUESTS: list[Message] = [
     SessionRequest(
         request_id=5,
         test_type="udp_echo",
-        params=UdpEchoParams(duration_sec=30, interval_ms=20, packet_size=64),
+        params=UdpEchoParams(duration_sec=30, interval_ms=20, packet_size=112),
     ),
     SessionRequest(request_id=6, test_type="udp_echo", params=UdpEchoParams(duration_sec=1)),
     SessionClose(request_id=7, session_id="s_0123-abc"),
@@ -296,8 +296,8 @@ def test_params_are_checked_against_the_schema_of_their_test_type() -> None:
             udp_echo(interval_ms=10_001),
             "params.interval_ms: must be an integer between 1 and 10000",
         ),
-        (udp_echo(packet_size=43), "params.packet_size: must be an integer between 44 and 1472"),
-        (udp_echo(packet_size=1473), "params.packet_size: must be an integer between 44 and 1472"),
+        (udp_echo(packet_size=111), "params.packet_size: must be an integer between 112 and 1472"),
+        (udp_echo(packet_size=1473), "params.packet_size: must be an integer between 112 and 1472"),
         (
             {"type": "session_close", "request_id": 1, "session_id": "a/b"},
             "session_id: may contain only letters, digits, _ and -, got 'a/b'",
