@@ -366,6 +366,21 @@ def audit_export(
         sys.stdout.write(line if line.endswith("\n") else line + "\n")
 
 
+# Recent refusals shown by `reflector status`: the last day, at most this many.
+STATUS_RECENT_DENIES = 10
+
+
+@app.command()
+def status(
+    config: ConfigOpt = None, state_dir: StateDirOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Active sessions, quota used per peer and recent denies of the local endpoint."""
+    from reflector.status import collect_status, format_status
+
+    doc = collect_status(resolve_config(config, state_dir), STATUS_RECENT_DENIES)
+    typer.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else format_status(doc))
+
+
 def main() -> None:
     """Console-script entry point: map expected errors to one line and an exit code.
 

@@ -15,7 +15,9 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from reflector.audit import AuditLog
 from reflector.config import Config
 from reflector.engines.iperf import EngineError, IperfServer
 from reflector.engines.udp_echo import UdpEchoReflector, normalize_ip
+from reflector.fsutil import atomic_write
+from reflector.status import STATUS_FILE_NAME
 from reflector.identity import Identity
 from reflector.link.messages import (
     ErrorResponse,
@@ -67,6 +71,8 @@ ENGINE_STOP_TIMEOUT_SEC = 10.0
 ENGINE_EXIT_GRACE_SEC = 3.0
 # The latency-under-load probe key of a throughput session, like the UDP echo's (256 bits).
 ECHO_KEY_BYTES = 32
+# How engines run (the privileged helper with transient scopes replaces this when present).
+ENGINE_HOST_DESCRIPTION = "local child processes (no systemd helper)"
 # get_result while the engine still runs: ask again this soon.
 RESULT_PENDING_RETRY_SEC = 1
 
@@ -157,11 +163,38 @@ class EndpointService(Service):
         for echo in self._echoes.values():
             echo.close()
         self._echoes.clear()
+        self.publish_status(running=False)
         self.store.close()
         await super().close()
 
     def status_line(self) -> str:
         return f"Endpoint {self.identity.endpoint_id}, {len(self.runs)} active sessions"
+
+    def publish_status(self, *, running: bool = True) -> None:
+        """Refresh systemd's STATUS= and `status.json` (read by `reflector status`).
+
+        Written on every change, never on a timer, so an idle endpoint stays idle.
+        """
+        if self.on_status is not None:
+            self.on_status(self.status_line())
+        snapshot = self.manager.snapshot(session_clock.now())
+        doc = {
+            "endpoint_id": self.identity.endpoint_id,
+            "running": running,
+            "pid": os.getpid(),
+            "mode": self.config.network.mode,
+            "engine_host": ENGINE_HOST_DESCRIPTION,
+            "updated": time.time(),
+            **snapshot,
+        }
+        try:
+            atomic_write(
+                self.config.state_dir / STATUS_FILE_NAME,
+                json.dumps(doc, indent=2, sort_keys=True).encode(),
+                0o600,
+            )
+        except OSError as exc:
+            _log.warning("cannot write %s: %s", STATUS_FILE_NAME, exc)
 
     # --- session_request
 
@@ -220,6 +253,7 @@ class EndpointService(Service):
             params={"ports": ports},
         )
         self._rearm()
+        self.publish_status()
         fields = run.session.grant_fields()
         fields["ports"] = ports
         if run.echo_secret is not None:
@@ -432,6 +466,7 @@ class EndpointService(Service):
         self.store.record_bytes(session.session_id, rx, tx)
         self._remember(session, result)
         self._audit_finish(session, run, pid, exit_code, rx, tx)
+        self.publish_status()
 
     async def _stop_iperf(self, run: _Run, graceful: bool) -> None:
         assert run.iperf is not None

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 
 from reflector.config import Config
+from reflector.server.notify import Notifier
 from reflector.server.run import Running, format_addresses, serve_forever, start
 
 
@@ -22,9 +22,15 @@ def run_serve(config: Config) -> None:
 
 
 async def _main(config: Config) -> None:
+    notifier = Notifier()
     running = await start(config)
+    running.service.on_status = notifier.status
     _banner(running)
-    await serve_forever(running, on_ready=lambda: _notify_ready(running))
+    await serve_forever(
+        running,
+        on_ready=lambda: notifier.ready(running.service.status_line()),
+        on_stopping=lambda: notifier.stopping("stopping: closing sessions"),
+    )
 
 
 def _banner(running: Running) -> None:
@@ -39,12 +45,3 @@ def _banner(running: Running) -> None:
             f" {running.identity.endpoint_id} --token TOKEN` on the appliance.",
             flush=True,
         )
-
-
-def _notify_ready(running: Running) -> None:
-    if not os.environ.get("NOTIFY_SOCKET"):
-        return
-    import sdnotify
-
-    notifier = sdnotify.SystemdNotifier()
-    notifier.notify(f"READY=1\nSTATUS=Endpoint {running.identity.endpoint_id}, 0 active sessions")

@@ -86,6 +86,7 @@ async def start(
         audit.close()
         raise
     running = Running(config, identity, audit, service, listener, bound)
+    service.publish_status()
     if config.network.health_http_address:
         info = build_info()
         running.health_server = await start_health_server(
@@ -104,8 +105,12 @@ def default_deps() -> ServiceDeps:
     )
 
 
-async def serve_forever(running: Running, on_ready: Callable[[], None] | None = None) -> None:
-    """Wait for SIGTERM or SIGINT, then stop cleanly."""
+async def serve_forever(
+    running: Running,
+    on_ready: Callable[[], None] | None = None,
+    on_stopping: Callable[[], None] | None = None,
+) -> None:
+    """Wait for SIGTERM or SIGINT, then stop cleanly (sessions closed, holes removed)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -117,6 +122,8 @@ async def serve_forever(running: Running, on_ready: Callable[[], None] | None = 
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if on_stopping is not None:
+            on_stopping()
         await running.stop("signal")
 
 

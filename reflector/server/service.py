@@ -105,6 +105,8 @@ class Service:
         self._deny_budget: dict[str, _DenyBudget] = {}
         self._pair_failures: dict[str, _PairingFailures] = {}
         self._watch: asyncio.Task[None] | None = None
+        # Called with a one-line status whenever it changes (systemd STATUS=).
+        self.on_status: Callable[[str], None] | None = None
 
     # --- ConnectionHandler (listener)
 
@@ -190,6 +192,14 @@ class Service:
 
     def on_peer_authorized(self, peer_id: str) -> None:
         """The data plane cancels a reconnecting peer's session grace here."""
+
+    def status_line(self) -> str:
+        return f"Endpoint {self.identity.endpoint_id}, 0 active sessions"
+
+    def publish_status(self, *, running: bool = True) -> None:
+        """Tell systemd (STATUS=) how things stand; the data plane adds status.json."""
+        if self.on_status is not None:
+            self.on_status(self.status_line())
 
     def policy_summary(self) -> dict[str, object]:
         q, net, ip = self.config.quotas, self.config.network, self.config.iperf3
