@@ -53,6 +53,8 @@ def _recent_denies(config: Config, limit: int) -> list[dict[str, Any]]:
     since = datetime.now(UTC) - RECENT_WINDOW
     use_journal = config.audit.journald != "off" and JOURNAL_SOCKET.exists()
     found: list[dict[str, Any]] = []
+    if not use_journal and not (config.state_dir / AUDIT_FILE_NAME).exists():
+        return found
     for kind in DENY_KINDS:
         records = (
             read_journal(since, None, None, kind)

@@ -28,7 +28,6 @@ from reflector.config import Config
 from reflector.engines.iperf import EngineError, IperfServer
 from reflector.engines.udp_echo import UdpEchoReflector, normalize_ip
 from reflector.fsutil import atomic_write
-from reflector.status import STATUS_FILE_NAME
 from reflector.identity import Identity
 from reflector.link.messages import (
     ErrorResponse,
@@ -48,6 +47,7 @@ from reflector.server.link_protocol import LinkProtocol
 from reflector.server.service import Service, ServiceDeps
 from reflector.sessions import Deny, Outcome, Session, SessionManager, TestType, UsageStore
 from reflector.sessions import clock as session_clock
+from reflector.status import STATUS_FILE_NAME
 from reflector.tunnel.relay import TunnelCounters
 from reflector.tunnel.server_end import (
     TunnelGrant,

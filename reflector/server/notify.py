@@ -45,7 +45,7 @@ class Notifier:
     def _start_watchdog(self) -> None:
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")
-        if not usec.isdigit() or (pid and pid != str(os.getpid())):
+        if not self.enabled or not usec.isdigit() or (pid and pid != str(os.getpid())):
             return
         # Half the interval, as sd_watchdog_enabled(3) recommends: one late ping is not fatal.
         interval = int(usec) / 1_000_000 / 2

@@ -1,0 +1,60 @@
+"""systemd notification: READY/STATUS on a real notify socket, watchdog pings, no-op without."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from reflector.server.notify import Notifier
+
+
+def notify_socket(tmp_path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify"))
+    sock.settimeout(2)
+    return sock
+
+
+def test_ready_sends_ready_and_status_then_watchdog_pings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = notify_socket(tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")  # ping every 0.1 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+
+    async def body() -> list[bytes]:
+        notifier = Notifier()
+        notifier.ready("Endpoint PPXX, 0 active sessions")
+        await asyncio.sleep(0.35)
+        notifier.status("Endpoint PPXX, 1 active sessions")
+        notifier.stopping("stopping")
+        received = []
+        while not received or not received[-1].startswith(b"STOPPING"):
+            received.append(sock.recv(4096))
+        return received
+
+    messages = asyncio.run(body())
+    assert messages[0] == b"READY=1\nSTATUS=Endpoint PPXX, 0 active sessions"
+    pings = [m for m in messages if m == b"WATCHDOG=1"]
+    assert len(pings) >= 3
+    assert b"STATUS=Endpoint PPXX, 1 active sessions" in messages
+    assert messages[-1] == b"STOPPING=1\nSTATUS=stopping"
+    sock.close()
+
+
+def test_without_notify_socket_nothing_is_sent_and_no_timer_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+
+    async def body() -> int:
+        notifier = Notifier()
+        notifier.ready("x")
+        return len(asyncio.all_tasks())
+
+    assert asyncio.run(body()) == 1  # only the test's own task: no watchdog loop
