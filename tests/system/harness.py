@@ -23,6 +23,8 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -917,3 +919,39 @@ def _tail(text: str, lines: int) -> str:
 
 def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+
+
+# Debian's interpreter: world-executable, the same minor version, and Debian's `wheel` package.
+SYSTEM_PYTHON = "/usr/bin/python3"
+# Building and installing the wheel offline takes about 3 s; two minutes means it is stuck.
+INSTALL_TIMEOUT_S = 120.0
+
+
+def install_package(host: SystemdHost, venv: str = "/opt/reflector") -> None:
+    """Install the repository's package into `venv` inside the container, offline.
+
+    Debian's python3 (world-executable, unlike a per-user pyenv build) makes the venv; a .pth
+    line points it at the test run's own site-packages for the dependencies, pip and
+    setuptools, so the versions are exactly the ones the unit tests ran with.
+    """
+    version = host.run([SYSTEM_PYTHON, "-c", "import sys; print(*sys.version_info[:2])"])
+    ours = f"{sys.version_info.major} {sys.version_info.minor}"
+    assert version.stdout.strip() == ours, (
+        f"{SYSTEM_PYTHON} is Python {version.stdout.strip()}, the test venv {ours}: compiled"
+        " dependencies would not load"
+    )
+    # No pip of its own (ensurepip alone takes 7 s): the test run's pip and setuptools build
+    # the package, with Debian's `wheel` from the system site-packages.
+    host.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", "--system-site-packages", venv])
+    site_packages = host.run(
+        [f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    ).stdout.strip()
+    # A .pth line puts the test run's own dependencies on the path: offline, same versions.
+    dependency_dirs = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    host.write_file(f"{site_packages}/reflector-test-deps.pth", "\n".join(dependency_dirs) + "\n")
+    host.run(
+        "PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1"
+        f" {venv}/bin/python -m pip install --quiet --no-index --no-deps --no-build-isolation"
+        f" {REPO_ROOT}",
+        timeout=INSTALL_TIMEOUT_S,
+    )

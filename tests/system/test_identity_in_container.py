@@ -12,8 +12,6 @@ the versions are exactly the ones the unit tests ran with.
 from __future__ import annotations
 
 import json
-import sys
-import sysconfig
 from dataclasses import dataclass
 
 import pytest
@@ -22,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from reflector.endpoint_id import endpoint_id_from_public_key, public_key_fingerprint
 
-from .harness import REPO_ROOT, SystemdHost
+from .harness import SystemdHost, install_package
 
 pytestmark = pytest.mark.system
 
@@ -31,10 +29,6 @@ REFLECTOR = f"{VENV}/bin/reflector"
 STATE_DIR = "/var/lib/reflector"
 KEY_FILE = f"{STATE_DIR}/identity.ed25519"
 USER = "reflector"
-# Debian's interpreter: world-executable, the same minor version, and Debian's `wheel` package.
-SYSTEM_PYTHON = "/usr/bin/python3"
-# Building and installing the wheel offline takes about 3 s; two minutes means it is stuck.
-INSTALL_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +43,7 @@ class Initialised:
 def installed(systemd_host_module: SystemdHost) -> SystemdHost:
     """The container with the package in /opt/reflector and the `reflector` system user."""
     host = systemd_host_module
-    _install_package(host)
+    install_package(host, VENV)
     host.run(
         [
             "useradd",
@@ -72,30 +66,6 @@ def initialised(installed: SystemdHost) -> Initialised:
     ids = [line.split(":", 1)[1].strip() for line in output.splitlines() if "Endpoint ID" in line]
     assert len(ids) == 1, f"init printed no single Endpoint ID line:\n{output}"
     return Initialised(output=output, endpoint_id=ids[0])
-
-
-def _install_package(host: SystemdHost) -> None:
-    version = host.run([SYSTEM_PYTHON, "-c", "import sys; print(*sys.version_info[:2])"])
-    ours = f"{sys.version_info.major} {sys.version_info.minor}"
-    assert version.stdout.strip() == ours, (
-        f"{SYSTEM_PYTHON} is Python {version.stdout.strip()}, the test venv {ours}: compiled"
-        " dependencies would not load"
-    )
-    # No pip of its own (ensurepip alone takes 7 s): the test run's pip and setuptools build
-    # the package, with Debian's `wheel` from the system site-packages.
-    host.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", "--system-site-packages", VENV])
-    site_packages = host.run(
-        [f"{VENV}/bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
-    ).stdout.strip()
-    # A .pth line puts the test run's own dependencies on the path: offline, same versions.
-    dependency_dirs = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
-    host.write_file(f"{site_packages}/reflector-test-deps.pth", "\n".join(dependency_dirs) + "\n")
-    host.run(
-        "PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1"
-        f" {VENV}/bin/python -m pip install --quiet --no-index --no-deps --no-build-isolation"
-        f" {REPO_ROOT}",
-        timeout=INSTALL_TIMEOUT_S,
-    )
 
 
 def _mode_and_owner(host: SystemdHost, path: str) -> list[str]:
