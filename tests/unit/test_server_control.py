@@ -27,7 +27,7 @@ from reflector.config import Config, parse_config_text
 from reflector.errors import ReflectorError
 from reflector.link import FrameDecoder, decode_json, encode_frame
 from reflector.link.frames import NEED_DATA
-from reflector.link.messages import Health, HealthStatus, Pair, PairOk
+from reflector.link.messages import GetPathMeta, Health, HealthStatus, Pair, PairOk, PathMeta
 from reflector.server.run import Running, start
 from reflector.tls import EndpointMismatch
 
@@ -503,5 +503,35 @@ def test_a_flooding_source_is_capped_and_audited_once(tmp_path: Path) -> None:
             assert len(capped) == 1  # a flood is folded into one audit record
             for sock in socks:
                 sock.close()
+
+    run(body())
+
+
+# --- health and path meta
+
+
+def test_path_meta_and_the_plain_http_health_listener(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+
+    async def body() -> None:
+        extra = f'health_http_address = "127.0.0.1:{http_port}"\n'
+        async with endpoint(tmp_path, extra) as ep:
+            app = appliance(tmp_path, "app")
+            authorize(ep, app)
+            client = await connect(ep, app)
+            meta = (await client.call(GetPathMeta(), PathMeta)).meta
+            await client.close()
+            assert meta["iface"]["name"] == "lo"
+            assert meta["build"]["version"].startswith("0.")
+            assert set(meta) >= {"cpu", "load", "mem", "net", "time_sync"}
+            reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+            writer.write(b"GET /health HTTP/1.0\r\n\r\n")
+            reply = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            head, _, body_bytes = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            assert set(json.loads(body_bytes)) == {"status", "version", "load"}
 
     run(body())
