@@ -73,6 +73,7 @@ __all__ = [
     "hole_ttl_s",
     "list_set_batch",
     "make_hole",
+    "owned_holes",
     "parse_set_elements",
     "remove_table_batch",
     "replace_table_batch",
@@ -218,9 +219,10 @@ def _validate_peer(peer: str) -> IPAddress:
             raise ValueError(f"peer must not carry an IPv6 zone: {peer!r}")
         if address.ipv4_mapped is not None:
             address = address.ipv4_mapped
-    if address.is_unspecified or address.is_multicast or address.is_reserved:
-        raise ValueError(f"peer must be a unicast address: {peer!r}")
-    if address == ipaddress.IPv4Address("255.255.255.255"):
+    # For IPv4, "reserved" is 240.0.0.0/4 and the limited broadcast; Python's IPv6 "reserved"
+    # list includes ::/8 and with it ::1, so IPv6 relies on the multicast check instead.
+    reserved = isinstance(address, ipaddress.IPv4Address) and address.is_reserved
+    if address.is_unspecified or address.is_multicast or reserved:
         raise ValueError(f"peer must be a unicast address: {peer!r}")
     return address
 
@@ -306,8 +308,20 @@ def _drop_rule(port_range: tuple[int, int]) -> dict[str, Any]:
     ports: int | dict[str, list[int]] = first if first == last else {"range": [first, last]}
     return _rule(
         CHAIN_INPUT,
-        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": {"set": ["tcp", "udp"]}}},
-        {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": ports}},
+        {
+            "match": {
+                "op": "==",
+                "left": {"meta": {"key": "l4proto"}},
+                "right": {"set": ["tcp", "udp"]},
+            }
+        },
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "th", "field": "dport"}},
+                "right": ports,
+            }
+        },
         {"counter": None},
         {"drop": None},
     )
@@ -331,7 +345,13 @@ def replace_table_batch(port_range: tuple[int, int]) -> NftBatch:
         {"add": _chain(CHAIN_INPUT, "input")},
         {"add": _hole_rule("ip", SET_V4)},
         {"add": _hole_rule("ip6", SET_V6)},
-        {"add": _rule(CHAIN_INPUT, {"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "lo"}}, {"accept": None})},
+        {
+            "add": _rule(
+                CHAIN_INPUT,
+                {"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "lo"}},
+                {"accept": None},
+            )
+        },
         {"add": _drop_rule(first_last)},
         {"add": _chain(CHAIN_OUTPUT, "output")},
         {"add": _rule(CHAIN_OUTPUT, _lookup("ip", "daddr", "sport", SET_V4), {"counter": None})},
@@ -386,7 +406,11 @@ def add_holes_batch(holes: Iterable[Hole], *, ttl_s: int, test_id: str) -> NftBa
 def delete_holes_batch(holes: Iterable[Hole]) -> NftBatch:
     """Delete elements; each must still exist (the kernel refuses the whole batch otherwise)."""
     commands = [
-        {"delete": {"element": {**_IN_TABLE, "name": set_name, "elem": [_element(h) for h in members]}}}
+        {
+            "delete": {
+                "element": {**_IN_TABLE, "name": set_name, "elem": [_element(h) for h in members]}
+            }
+        }
         for set_name, members in sorted(_by_set(holes).items())
     ]
     return {"nftables": commands}
@@ -395,9 +419,7 @@ def delete_holes_batch(holes: Iterable[Hole]) -> NftBatch:
 def flush_holes_batch() -> NftBatch:
     """Remove every hole at once, keeping the table and its drop rule."""
     return {
-        "nftables": [
-            {"flush": {"set": {**_IN_TABLE, "name": name}}} for name in (SET_V4, SET_V6)
-        ]
+        "nftables": [{"flush": {"set": {**_IN_TABLE, "name": name}}} for name in (SET_V4, SET_V6)]
     }
 
 
@@ -426,7 +448,9 @@ def _parse_element(item: object) -> tuple[tuple[str, str, int], ElementState]:
     value = elem.get("val")
     parts = value.get("concat") if isinstance(value, Mapping) else None
     if not isinstance(parts, list) or len(parts) != 3:
-        raise ValueError(f"nft listing has an element that is not address . proto . port: {value!r}")
+        raise ValueError(
+            f"nft listing has an element that is not address . proto . port: {value!r}"
+        )
     address, proto, port = parts
     counter = elem.get("counter")
     if not isinstance(counter, Mapping):
@@ -459,16 +483,28 @@ def parse_set_elements(output: Mapping[str, Any]) -> dict[tuple[str, str, int], 
     return dict(_parse_element(item) for item in elements)
 
 
-def sum_counters(
-    holes: Iterable[Hole], present: Mapping[tuple[str, str, int], ElementState]
-) -> HoleCounters:
-    """Add up the counters of a test's holes; holes missing from the listing have expired."""
-    packets = total = expired = 0
+def owned_holes(
+    holes: Iterable[Hole], present: Mapping[tuple[str, str, int], ElementState], test_id: str
+) -> list[Hole]:
+    """The holes of `test_id` still in the kernel. An element with the same key but another
+    test's comment is that test's (the key was granted again after ours expired): never ours
+    to count or delete."""
+    owned = []
     for hole in holes:
         state = present.get(hole.key())
-        if state is None:
-            expired += 1
-            continue
-        packets += state.packets
-        total += state.bytes
-    return HoleCounters(packets=packets, bytes=total, expired=expired)
+        if state is not None and state.test_id == test_id:
+            owned.append(hole)
+    return owned
+
+
+def sum_counters(
+    holes: Iterable[Hole], present: Mapping[tuple[str, str, int], ElementState], test_id: str
+) -> HoleCounters:
+    """Add up the counters of a test's holes; its holes missing from the listing have expired."""
+    holes = list(holes)
+    owned = owned_holes(holes, present, test_id)
+    return HoleCounters(
+        packets=sum(present[h.key()].packets for h in owned),
+        bytes=sum(present[h.key()].bytes for h in owned),
+        expired=len(holes) - len(owned),
+    )

@@ -42,7 +42,8 @@ SUPPORTED_ARCH = frozenset({"amd64", "arm64"})
 # `uname -m` names -> release names (Debian's and Go's).
 MACHINE_TO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
-_VERSION_RE = re.compile(r"^(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})\.(0|[1-9]\d{0,5})(?:(a|b|rc)(0|[1-9]\d{0,5}))?$")
+_NUM = r"(0|[1-9]\d{0,5})"
+_VERSION_RE = re.compile(rf"^{_NUM}\.{_NUM}\.{_NUM}(?:(a|b|rc){_NUM})?$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _TOP_KEYS = frozenset({"format", "version", "artifacts"})
 _ARTIFACT_KEYS = frozenset({"name", "os", "arch", "sha256", "size"})

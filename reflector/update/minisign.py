@@ -182,7 +182,8 @@ def verify(message: bytes, signature: Signature, public_key: PublicKey) -> Verif
     except InvalidSignature as exc:
         raise SignatureError("signature does not match the signed file (altered?)") from exc
     try:
-        key.verify(signature.global_signature, signature.signature + signature.trusted_comment.encode())
+        trusted = signature.signature + signature.trusted_comment.encode()
+        key.verify(signature.global_signature, trusted)
     except InvalidSignature as exc:
         raise SignatureError("trusted comment signature does not verify (altered?)") from exc
     return Verified(
@@ -192,7 +193,9 @@ def verify(message: bytes, signature: Signature, public_key: PublicKey) -> Verif
     )
 
 
-def verify_text(message: bytes, signature_text: bytes | str, public_key_text: bytes | str) -> Verified:
+def verify_text(
+    message: bytes, signature_text: bytes | str, public_key_text: bytes | str
+) -> Verified:
     """`verify` from the files' contents."""
     return verify(message, parse_signature(signature_text), parse_public_key(public_key_text))
 
