@@ -27,6 +27,7 @@ from reflector.audit import AuditLog
 from reflector.config import Config
 from reflector.engines.iperf import EngineError, IperfServer
 from reflector.engines.udp_echo import UdpEchoReflector, normalize_ip
+from reflector.firewall import Firewall, FirewallError, NftFirewall, hole_ttl_s
 from reflector.fsutil import atomic_write
 from reflector.identity import Identity
 from reflector.link.messages import (
@@ -88,6 +89,7 @@ class _Run:
     echo: UdpEchoReflector | None = None
     echo_key: tuple[str, int] | None = None
     echo_secret: bytes | None = None  # throughput sessions: the latency-under-load probe key
+    holes: list[str] = field(default_factory=list)  # direct mode: firewall hole ids
     started_mono: float = field(default_factory=time.monotonic)
 
 
@@ -109,8 +111,26 @@ class EndpointService(Service):
             collections.OrderedDict()
         )
         self._echoes: dict[tuple[str, int], UdpEchoReflector] = {}
+        # Direct mode only: Reflector's nftables table; None with a reason = fail closed.
+        self.firewall: Firewall | None = None
+        self.firewall_error: str | None = None
+        if config.network.mode == "direct_ephemeral":
+            self._setup_firewall()
         self._timer: asyncio.TimerHandle | None = None
         self._finishing: set[asyncio.Task[None]] = set()
+
+    def _setup_firewall(self) -> None:
+        net = self.config.network
+        port_range = (net.data_port_range_start, net.data_port_range_end)
+        try:
+            firewall = NftFirewall(port_range)
+            firewall.ensure_table(port_range)
+        except FirewallError as exc:
+            # Fail closed: the service runs, but no direct session is granted (nothing opens).
+            self.firewall_error = str(exc)
+            _log.error("direct mode without a firewall: sessions will be refused: %s", exc)
+            return
+        self.firewall = firewall
 
     # --- control-plane hooks
 
@@ -163,6 +183,9 @@ class EndpointService(Service):
         for echo in self._echoes.values():
             echo.close()
         self._echoes.clear()
+        if self.firewall is not None:
+            with contextlib.suppress(FirewallError):
+                self.firewall.remove_table()
         self.publish_status(running=False)
         self.store.close()
         await super().close()
@@ -232,8 +255,17 @@ class EndpointService(Service):
         try:
             run, ports = await self._start_engine(link, session)
         except EngineError as exc:
-            self._abort_grant(link, session, exc)
+            self._abort_grant(link, session, exc.code, str(exc))
             return ErrorResponse(request_id=request.request_id, code=exc.code, message=str(exc))
+        try:
+            self._open_holes(link, run)
+        except (FirewallError, ValueError) as exc:
+            await self._stop_engines(run)
+            message = f"cannot open the data port: {exc}"
+            self._abort_grant(link, run.session, "firewall_unavailable", message)
+            return ErrorResponse(
+                request_id=request.request_id, code="firewall_unavailable", message=message
+            )
         self.runs[session.session_id] = run
         self.audit.emit(
             "session_grant",
@@ -261,8 +293,14 @@ class EndpointService(Service):
         return SessionGrant(request_id=request.request_id, **fields)
 
     def _mode_refusal(self, request: SessionRequest) -> ErrorResponse | None:
-        """UDP throughput cannot ride the TCP tunnel: refuse it before any quota is spent."""
+        """Refusals of the mode, before any quota is spent: UDP throughput cannot ride the
+        TCP tunnel; direct mode without its firewall table opens nothing."""
         params = request.params
+        if self.config.network.mode == "direct_ephemeral" and self.firewall is None:
+            return ErrorResponse(
+                code="firewall_unavailable",
+                message=f"direct mode needs Reflector's nftables table: {self.firewall_error}",
+            )
         if (
             self.config.network.mode == "tunneled"
             and isinstance(params, ThroughputParams)
@@ -275,7 +313,60 @@ class EndpointService(Service):
             )
         return None
 
-    def _abort_grant(self, link: LinkProtocol, session: Session, exc: EngineError) -> None:
+    def _open_holes(self, link: LinkProtocol, run: _Run) -> None:
+        """Direct mode: let exactly this peer reach exactly this session's data port."""
+        session = run.session
+        if session.mode != "direct_ephemeral":
+            return
+        if self.firewall is None:
+            raise FirewallError(self.firewall_error or "no firewall")
+        protos = ["udp"] if session.test_type is TestType.UDP_ECHO else ["tcp"]
+        params = session.params
+        if isinstance(params, ThroughputParams) and params.protocol == "udp":
+            protos.append("udp")
+        remaining = max(0.0, session.deadline - session_clock.now().boottime)
+        peer = normalize_ip(link.source[0])
+        for index, proto in enumerate(protos):
+            hole_id = session.session_id if index == 0 else f"{session.session_id}:{proto}"
+            self.firewall.open_hole(hole_id, peer, proto, session.port, hole_ttl_s(remaining))
+            run.holes.append(hole_id)
+        self.audit.emit(
+            "hole_open",
+            peer_id=session.peer_id,
+            test_id=session.session_id,
+            source_addr=peer,
+            params={"port": session.port, "protocols": protos},
+        )
+
+    def _close_holes(self, run: _Run) -> int | None:
+        """Close the session's holes; the kernel's byte count (both ways), if any."""
+        if not run.holes or self.firewall is None:
+            return None
+        total = 0
+        for hole_id in run.holes:
+            try:
+                counters = self.firewall.close_hole(hole_id)
+            except FirewallError as exc:  # the kernel timeout closes it anyway
+                _log.error("cannot close hole %s: %s", hole_id, exc)
+                continue
+            if counters is not None:
+                total += counters.bytes
+        self.audit.emit(
+            "hole_close",
+            peer_id=run.session.peer_id,
+            test_id=run.session.session_id,
+            bytes_rx=total,
+        )
+        return total
+
+    async def _stop_engines(self, run: _Run) -> None:
+        if run.iperf is not None:
+            await run.iperf.stop()
+        if run.echo is not None and run.echo_key is not None:
+            run.echo.remove_session(run.session.session_id)
+
+    def _abort_grant(self, link: LinkProtocol, session: Session, code: str, message: str) -> None:
+        """The engine (or its firewall hole) could not be set up: end the session, audit."""
         closed = self.manager.close(
             session.session_id, session.peer_id, session_clock.now(), Outcome.FAILED
         )
@@ -284,11 +375,11 @@ class EndpointService(Service):
             peer_id=link.peer_id,
             test_id=session.session_id,
             test_type=session.test_type.value,
-            reason=exc.code,
-            message=f"engine failed to start: {exc}",
+            reason=code,
+            message=f"engine failed to start: {message}",
         )
         if isinstance(closed, Session):
-            self._remember(closed, {"error": {"code": exc.code, "message": str(exc)}})
+            self._remember(closed, {"error": {"code": code, "message": message}})
 
     async def _start_engine(
         self, link: LinkProtocol, session: Session
@@ -463,6 +554,12 @@ class EndpointService(Service):
             if not run.echo.session_ids():
                 run.echo.close()
                 self._echoes.pop(run.echo_key, None)
+        kernel_bytes = self._close_holes(run)
+        if kernel_bytes is not None and kernel_bytes > rx + tx:
+            # Direct mode: the kernel's per-hole count (headers included) is the authority.
+            upload = not (isinstance(session.params, ThroughputParams) and session.params.reverse)
+            rx, tx = (kernel_bytes - tx, tx) if upload else (rx, kernel_bytes - rx)
+            result["firewall_bytes"] = kernel_bytes
         self.store.record_bytes(session.session_id, rx, tx)
         self._remember(session, result)
         self._audit_finish(session, run, pid, exit_code, rx, tx)

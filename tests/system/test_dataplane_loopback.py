@@ -349,17 +349,118 @@ def test_bufferbloat_measures_idle_and_loaded_latency_in_one_grant(tmp_path: Pat
 # --- direct mode
 
 
-def test_direct_mode_grants_the_data_port(tmp_path: Path) -> None:
+def direct_scenario(state: str) -> None:
+    """Run inside a private network namespace (see the test): direct mode with real holes."""
+    import subprocess as sp
+
+    def holes() -> str:
+        return sp.run(
+            ["nft", "list", "set", "inet", "reflector", "holes4"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
     async def body() -> None:
-        async with endpoint(tmp_path / "ep", '[network]\nmode = "direct_ephemeral"\n') as ep:
-            client = await paired_client(ep, tmp_path)
-            app = ApplianceIdentity.open(tmp_path / "app")
+        tmp = Path(state)
+        async with endpoint(tmp / "ep", '[network]\nmode = "direct_ephemeral"\n') as ep:
+            client = await paired_client(ep, tmp)
+            grant = await client.call(
+                SessionRequest(test_type="throughput", params=tcp(5)), SessionGrant
+            )
+            port = grant.ports["data"]
+            assert f"127.0.0.1 . tcp . {port}" in holes()
+            await client.call(SessionClose(session_id=grant.session_id), Ok)
+            assert f". {port}" not in holes()
+            app = ApplianceIdentity.open(tmp / "app")
             doc = await measure.throughput(client, app, measure.ThroughputOptions(duration_sec=1))
             assert doc["mode"] == "direct_ephemeral"
             assert "error" not in doc["endpoint"]
+            assert doc["endpoint"]["firewall_bytes"] >= doc["endpoint"]["bytes_transferred"]
             udp = measure.ThroughputOptions(duration_sec=1, udp=True, bitrate_bps=10_000_000)
             doc = await measure.throughput(client, app, udp)
             assert doc["endpoint"]["endpoint"]["udp"] is not None
             await client.close()
+            kinds = [e["reflector_event"] for e in audit(ep)]
+            assert kinds.count("hole_open") == 3 and kinds.count("hole_close") == 3
+        # A clean stop removes Reflector's table and nothing else.
+        tables = sp.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        assert "reflector" not in tables
 
     run(body())
+
+
+@pytest.mark.system
+def test_direct_mode_opens_a_hole_per_session_in_a_private_namespace(tmp_path: Path) -> None:
+    """Direct mode changes nftables, so it runs in a network namespace of its own."""
+    import subprocess as sp
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    code = f"import tests.system.test_dataplane_loopback as t; t.direct_scenario({str(tmp_path)!r})"
+    done = sp.run(
+        [
+            "unshare",
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            f'ip link set lo up && exec {sys.executable} -c "{code}"',
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def no_firewall_scenario(state: str) -> None:
+    """Run without CAP_NET_ADMIN (see the test): nftables refuses us, so direct mode must too."""
+
+    async def body() -> None:
+        tmp = Path(state)
+        async with endpoint(tmp / "ep", '[network]\nmode = "direct_ephemeral"\n') as ep:
+            client = await paired_client(ep, tmp)
+            for params in (tcp(2), echo(2)):
+                kind = "throughput" if isinstance(params, ThroughputParams) else "udp_echo"
+                with pytest.raises(RemoteError) as err:
+                    await client.call(SessionRequest(test_type=kind, params=params), SessionGrant)
+                assert err.value.code == "firewall_unavailable"
+            assert iperf_servers() == []
+            await client.close()
+            denies = [e["reason"] for e in events(ep, "session_deny")]
+            assert denies == ["firewall_unavailable", "firewall_unavailable"]
+
+    run(body())
+
+
+@pytest.mark.system
+def test_direct_mode_without_nftables_refuses_and_opens_nothing(tmp_path: Path) -> None:
+    """A real failure, not a simulated one: the endpoint runs without CAP_NET_ADMIN."""
+    import subprocess as sp
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import tests.system.test_dataplane_loopback as t;"
+        f" t.no_firewall_scenario({str(tmp_path)!r})"
+    )
+    done = sp.run(
+        [
+            "unshare",
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            "ip link set lo up && exec setpriv --inh-caps=-net_admin --bounding-set=-net_admin"
+            f' {sys.executable} -c "{code}"',
+        ],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
