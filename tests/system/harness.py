@@ -942,6 +942,8 @@ def install_package(host: SystemdHost, venv: str = "/opt/reflector") -> None:
     )
     # No pip of its own (ensurepip alone takes 7 s): the test run's pip and setuptools build
     # the package, with Debian's `wheel` from the system site-packages.
+    # The container overlays this machine's /: state someone left on the host must not leak in.
+    host.run(["rm", "-rf", "/var/lib/reflector", "/etc/reflector", venv])
     host.run([SYSTEM_PYTHON, "-m", "venv", "--without-pip", "--system-site-packages", venv])
     site_packages = host.run(
         [f"{venv}/bin/python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
