@@ -143,6 +143,13 @@ def rotate(
     if not yes and not typer.confirm("Every paired appliance will have to re-pair. Rotate?"):
         raise typer.Exit(1)
     rotation = rotate_identity(cfg.key_path, datetime.now(UTC))
+    audit = _audit_for(cfg)
+    audit.emit(
+        "identity_rotated",
+        reason="operator",
+        params={"old_id": rotation.old_id, "backup": rotation.backup_path.name},
+    )
+    audit.close()
     typer.echo(f"old Endpoint ID: {rotation.old_id}")
     typer.echo(f"new Endpoint ID: {rotation.new.endpoint_id}")
     typer.echo(f"old key kept as: {rotation.backup_path}")

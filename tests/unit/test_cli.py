@@ -59,6 +59,9 @@ def test_rotate_identity_keeps_a_backup_and_warns(tmp_path: Path) -> None:
     assert "must now re-pair" in done.stderr
     assert cli("id", "--state-dir", str(state)).stdout.strip() != old
     assert len(list(state.glob("identity.ed25519.*.bak"))) == 1
+    audit = [json.loads(line) for line in (state / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["reflector_event"] == "identity_rotated"
+    assert audit[-1]["params"]["old_id"] == old
 
 
 def test_a_bad_config_is_one_line_and_exit_2(tmp_path: Path) -> None:
