@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test test-unit test-system lint bench clean
+.PHONY: deps demo test test-unit test-system lint bench dist clean
 
 deps:
 	@bash .ci/deps.sh
@@ -28,5 +28,8 @@ lint: deps
 bench: deps
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
+dist: deps
+	@bash .ci/build-binary.sh
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts dist build

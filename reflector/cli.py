@@ -21,6 +21,7 @@ from reflector.config import DEFAULT_CONFIG_PATH, Config, config_to_toml, load_c
 from reflector.errors import ConfigError, ReflectorError
 from reflector.fsutil import ensure_private_dir
 from reflector.identity import Identity, load_identity, load_or_create_identity, rotate_identity
+from reflector.update.cli import update_app
 
 if TYPE_CHECKING:
     from reflector.access.peers import PeerStore
@@ -42,6 +43,7 @@ app.add_typer(trace_app, name="trace")
 app.add_typer(peers_app, name="peers")
 app.add_typer(audit_app, name="audit")
 app.add_typer(client_app, name="client")
+app.add_typer(update_app, name="self-update")
 
 ConfigOpt = Annotated[
     Path | None,

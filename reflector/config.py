@@ -31,6 +31,7 @@ MAX_AUTHORIZED_PEERS = 4096
 _WINDOW_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 _SIZE_RE = re.compile(r"^[1-9]\d{0,9}[KMG]?$")
 _PERCENT_RE = re.compile(r"^[1-9]\d{0,3}%$")
+_USERNAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 
 def _bounds(lo: int, hi: int) -> dict[str, Any]:
@@ -141,6 +142,19 @@ class UpdatesConfig:
     """Signed self-update; off by default for locked-down hosts."""
 
     enabled: bool = False
+    # The signed release manifest (http(s) URL or path); empty: `--manifest` is required.
+    manifest_url: str = ""
+    # The minisign public key releases are checked against; empty: /etc/reflector/update.pub.
+    public_key_path: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivsepConfig:
+    """The privileged helper (its socket) and the engines' unprivileged identity."""
+
+    # Without a socket here, engines run as local child processes (the documented fallback).
+    helper_socket: str = field(default="/run/reflector/privd.sock", metadata={"check": "abspath"})
+    engine_user: str = field(default="reflector-engine", metadata={"check": "username"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +170,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
+    privsep: PrivsepConfig = field(default_factory=PrivsepConfig)
 
     @property
     def state_dir(self) -> Path:
@@ -326,6 +341,10 @@ def _check_string(check: str | None, value: str, key: str) -> None:
         raise _Invalid(key, f'must be a percentage like "50%", got {value!r}')
     if check == "timezone":
         _check_timezone(value, key)
+    if check == "abspath" and not value.startswith("/"):
+        raise _Invalid(key, f"must be an absolute path, got {value!r}")
+    if check == "username" and not _USERNAME_RE.match(value):
+        raise _Invalid(key, f"must be a system user name ([a-z_][a-z0-9_-]*), got {value!r}")
     if check == "key_path" and value:
         _check_key_path(value, key)
     if check == "address_or_empty" and value:

@@ -25,9 +25,9 @@ from typing import Any
 
 from reflector.audit import AuditLog
 from reflector.config import Config
-from reflector.engines.iperf import EngineError, IperfServer
+from reflector.engines.iperf import EngineError
 from reflector.engines.udp_echo import UdpEchoReflector, normalize_ip
-from reflector.firewall import Firewall, FirewallError, NftFirewall, hole_ttl_s
+from reflector.firewall import hole_ttl_s
 from reflector.fsutil import atomic_write
 from reflector.identity import Identity
 from reflector.link.messages import (
@@ -44,6 +44,8 @@ from reflector.link.messages import (
     StatusSnapshot,
     ThroughputParams,
 )
+from reflector.privsep import EngineLimits, PrivsepError, select_engine_host
+from reflector.server.hosted_iperf import HostedIperf
 from reflector.server.link_protocol import LinkProtocol
 from reflector.server.service import Service, ServiceDeps
 from reflector.sessions import Deny, Outcome, Session, SessionManager, TestType, UsageStore
@@ -72,8 +74,6 @@ ENGINE_STOP_TIMEOUT_SEC = 10.0
 ENGINE_EXIT_GRACE_SEC = 3.0
 # The latency-under-load probe key of a throughput session, like the UDP echo's (256 bits).
 ECHO_KEY_BYTES = 32
-# How engines run (the privileged helper with transient scopes replaces this when present).
-ENGINE_HOST_DESCRIPTION = "local child processes (no systemd helper)"
 # get_result while the engine still runs: ask again this soon.
 RESULT_PENDING_RETRY_SEC = 1
 
@@ -84,12 +84,12 @@ class _Run:
 
     session: Session
     counters: TunnelCounters = field(default_factory=TunnelCounters)
-    iperf: IperfServer | None = None
+    iperf: HostedIperf | None = None
     iperf_task: asyncio.Task[None] | None = None
     echo: UdpEchoReflector | None = None
     echo_key: tuple[str, int] | None = None
     echo_secret: bytes | None = None  # throughput sessions: the latency-under-load probe key
-    holes: list[str] = field(default_factory=list)  # direct mode: firewall hole ids
+    holes: bool = False  # direct mode: the engine host opened holes for this session
     started_mono: float = field(default_factory=time.monotonic)
 
 
@@ -111,26 +111,12 @@ class EndpointService(Service):
             collections.OrderedDict()
         )
         self._echoes: dict[tuple[str, int], UdpEchoReflector] = {}
-        # Direct mode only: Reflector's nftables table; None with a reason = fail closed.
-        self.firewall: Firewall | None = None
-        self.firewall_error: str | None = None
-        if config.network.mode == "direct_ephemeral":
-            self._setup_firewall()
+        # Engines and direct-mode holes go through the engine host: the privileged helper
+        # (transient scopes, nftables) when its socket exists, else local child processes.
+        self.engine_host = select_engine_host(config)
+        self.engine_limits = EngineLimits.from_config(config)
         self._timer: asyncio.TimerHandle | None = None
         self._finishing: set[asyncio.Task[None]] = set()
-
-    def _setup_firewall(self) -> None:
-        net = self.config.network
-        port_range = (net.data_port_range_start, net.data_port_range_end)
-        try:
-            firewall = NftFirewall(port_range)
-            firewall.ensure_table(port_range)
-        except FirewallError as exc:
-            # Fail closed: the service runs, but no direct session is granted (nothing opens).
-            self.firewall_error = str(exc)
-            _log.error("direct mode without a firewall: sessions will be refused: %s", exc)
-            return
-        self.firewall = firewall
 
     # --- control-plane hooks
 
@@ -183,9 +169,10 @@ class EndpointService(Service):
         for echo in self._echoes.values():
             echo.close()
         self._echoes.clear()
-        if self.firewall is not None:
-            with contextlib.suppress(FirewallError):
-                self.firewall.remove_table()
+        # Engines left by a failed finish, and any hole, go too (the helper keeps its table:
+        # with no holes, the data range stays closed).
+        with contextlib.suppress(PrivsepError):
+            await self.engine_host.close()
         self.publish_status(running=False)
         self.store.close()
         await super().close()
@@ -206,7 +193,7 @@ class EndpointService(Service):
             "running": running,
             "pid": os.getpid(),
             "mode": self.config.network.mode,
-            "engine_host": ENGINE_HOST_DESCRIPTION,
+            "engine_host": self.engine_host.name,
             "updated": time.time(),
             **snapshot,
         }
@@ -258,8 +245,8 @@ class EndpointService(Service):
             self._abort_grant(link, session, exc.code, str(exc))
             return ErrorResponse(request_id=request.request_id, code=exc.code, message=str(exc))
         try:
-            self._open_holes(link, run)
-        except (FirewallError, ValueError) as exc:
+            await self._open_holes(link, run)
+        except PrivsepError as exc:
             await self._stop_engines(run)
             message = f"cannot open the data port: {exc}"
             self._abort_grant(link, run.session, "firewall_unavailable", message)
@@ -293,14 +280,8 @@ class EndpointService(Service):
         return SessionGrant(request_id=request.request_id, **fields)
 
     def _mode_refusal(self, request: SessionRequest) -> ErrorResponse | None:
-        """Refusals of the mode, before any quota is spent: UDP throughput cannot ride the
-        TCP tunnel; direct mode without its firewall table opens nothing."""
+        """UDP throughput cannot ride the TCP tunnel: refuse it before any quota is spent."""
         params = request.params
-        if self.config.network.mode == "direct_ephemeral" and self.firewall is None:
-            return ErrorResponse(
-                code="firewall_unavailable",
-                message=f"direct mode needs Reflector's nftables table: {self.firewall_error}",
-            )
         if (
             self.config.network.mode == "tunneled"
             and isinstance(params, ThroughputParams)
@@ -313,23 +294,29 @@ class EndpointService(Service):
             )
         return None
 
-    def _open_holes(self, link: LinkProtocol, run: _Run) -> None:
-        """Direct mode: let exactly this peer reach exactly this session's data port."""
+    async def _open_holes(self, link: LinkProtocol, run: _Run) -> None:
+        """Direct mode: let exactly this peer reach exactly this session's data port.
+
+        Raises PrivsepError (e.g. `firewall_unavailable`): the grant is then withdrawn.
+        """
         session = run.session
         if session.mode != "direct_ephemeral":
             return
-        if self.firewall is None:
-            raise FirewallError(self.firewall_error or "no firewall")
         protos = ["udp"] if session.test_type is TestType.UDP_ECHO else ["tcp"]
         params = session.params
         if isinstance(params, ThroughputParams) and params.protocol == "udp":
             protos.append("udp")
         remaining = max(0.0, session.deadline - session_clock.now().boottime)
         peer = normalize_ip(link.source[0])
-        for index, proto in enumerate(protos):
-            hole_id = session.session_id if index == 0 else f"{session.session_id}:{proto}"
-            self.firewall.open_hole(hole_id, peer, proto, session.port, hole_ttl_s(remaining))
-            run.holes.append(hole_id)
+        for proto in protos:
+            run.holes = True
+            await self.engine_host.open_hole(
+                test_id=session.session_id,
+                peer_addr=peer,
+                proto=proto,
+                port=session.port,
+                ttl_s=hole_ttl_s(remaining),
+            )
         self.audit.emit(
             "hole_open",
             peer_id=session.peer_id,
@@ -338,19 +325,16 @@ class EndpointService(Service):
             params={"port": session.port, "protocols": protos},
         )
 
-    def _close_holes(self, run: _Run) -> int | None:
+    async def _close_holes(self, run: _Run) -> int | None:
         """Close the session's holes; the kernel's byte count (both ways), if any."""
-        if not run.holes or self.firewall is None:
+        if not run.holes:
             return None
-        total = 0
-        for hole_id in run.holes:
-            try:
-                counters = self.firewall.close_hole(hole_id)
-            except FirewallError as exc:  # the kernel timeout closes it anyway
-                _log.error("cannot close hole %s: %s", hole_id, exc)
-                continue
-            if counters is not None:
-                total += counters.bytes
+        try:
+            totals = await self.engine_host.close_hole(run.session.session_id)
+        except PrivsepError as exc:  # the kernel's timeout closes it anyway
+            _log.error("cannot close the holes of %s: %s", run.session.session_id, exc)
+            return None
+        total = totals.bytes if totals is not None else 0
         self.audit.emit(
             "hole_close",
             peer_id=run.session.peer_id,
@@ -390,7 +374,8 @@ class EndpointService(Service):
         if session.test_type is TestType.UDP_ECHO:
             return self._start_echo(link, session, local_host, control_port, tunneled)
         bind = "127.0.0.1" if tunneled else local_host
-        run, ports = await self._start_iperf(session, bind, control_port, tunneled)
+        peer = link.source[0]
+        run, ports = await self._start_iperf(session, bind, peer, control_port, tunneled)
         # Every throughput session also answers STAMP probes (its own key, same rate clamp),
         # so an appliance can measure latency under load within one grant (bufferbloat).
         secret = secrets.token_bytes(ECHO_KEY_BYTES)
@@ -408,12 +393,18 @@ class EndpointService(Service):
         return run, {**ports, **echo_ports}
 
     async def _start_iperf(
-        self, session: Session, bind: str, control_port: int, tunneled: bool
+        self, session: Session, bind: str, peer: str, control_port: int, tunneled: bool
     ) -> tuple[_Run, dict[str, int]]:
         last_error: EngineError | None = None
         for _ in range(MAX_PORT_ATTEMPTS):
-            iperf = IperfServer(
-                self.config.iperf3, port=session.port, bind=bind, duration_s=session.duration_sec
+            iperf = HostedIperf(
+                self.engine_host,
+                test_id=session.session_id,
+                port=session.port,
+                bind=bind,
+                peer=normalize_ip(peer),
+                duration_s=session.duration_sec,
+                limits=self.engine_limits,
             )
             try:
                 await iperf.start()
@@ -554,7 +545,7 @@ class EndpointService(Service):
             if not run.echo.session_ids():
                 run.echo.close()
                 self._echoes.pop(run.echo_key, None)
-        kernel_bytes = self._close_holes(run)
+        kernel_bytes = await self._close_holes(run)
         if kernel_bytes is not None and kernel_bytes > rx + tx:
             # Direct mode: the kernel's per-hole count (headers included) is the authority.
             upload = not (isinstance(session.params, ThroughputParams) and session.params.reverse)

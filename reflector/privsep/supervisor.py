@@ -1,0 +1,424 @@
+"""The engines and holes of running tests: the I/O shell behind both `EngineHost`s.
+
+The helper (root, systemd scopes) and the local fallback (no systemd: rlimits and a timer) share
+everything but the launch: the same `HelperPolicy` decides, the same fixed command lines run,
+the same pipes carry the engine's output to the parent, the same exit bookkeeping feeds the
+audit trail. A `Launcher` is the one part that differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+from reflector.config import Config
+from reflector.firewall import FirewallError, NftFirewall
+from reflector.privsep.protocol import (
+    ENGINE_KINDS,
+    MAX_MESSAGE_LEN,
+    CloseHole,
+    EngineStarted,
+    EngineStopped,
+    HelperPolicy,
+    HoleClosed,
+    HoleOpened,
+    OpenHole,
+    Refused,
+    StartEngine,
+    StopEngine,
+    StoppedBy,
+)
+from reflector.privsep.scope import EngineCommand, engine_command
+
+__all__ = [
+    "STARTUP_TIMEOUT_S",
+    "Engine",
+    "EngineSupervisor",
+    "Firewall",
+    "Launcher",
+    "bound_ports",
+    "load_firewall",
+]
+
+_log = logging.getLogger(__name__)
+
+# iperf3 binds in milliseconds, the Python echo in a few hundred; systemd-run adds a D-Bus round
+# trip. Five seconds still covers a cold start on a small VPS.
+STARTUP_TIMEOUT_S: Final = 5.0
+# How often start() looks for the engine's socket while it starts.
+READY_POLL_S: Final = 0.02
+# After a stop, the engine must be gone within systemd's stop timeout plus this margin; then it
+# is SIGKILLed directly (it is our unreaped child, so its pid cannot have been reused).
+STOP_MARGIN_S: Final = 3.0
+# An engine that ended is kept for its stop_engine (the exit status) this long at most, in
+# count: a parent that never asks cannot grow the table.
+MAX_EXITED_KEPT: Final = 64
+# An exit within this much of RuntimeMaxSec= is systemd's (or the local timer's) doing.
+RUNTIME_LIMIT_SLACK_S: Final = 1.0
+
+
+@dataclass
+class Engine:
+    """One running (or ended, not yet collected) engine."""
+
+    request: StartEngine
+    proc: asyncio.subprocess.Process
+    unit: str
+    runtime_max_s: int
+    protections: tuple[str, ...]
+    started: float
+    uid: int  # the engine's user: its sockets show who bound them
+    ended: float | None = None
+    stop_requested_at: float | None = None
+    ip_counters: tuple[int | None, int | None] = (None, None)
+    extra: dict[str, Any] = field(default_factory=dict)  # the launcher's own state (timers)
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+
+class Launcher(Protocol):
+    """Starts an engine's command under the host's protections, and stops it."""
+
+    name: str
+
+    async def launch(
+        self, req: StartEngine, command: EngineCommand, *, stdin: int, stdout: int, stderr: int
+    ) -> Engine:
+        """Spawn `command` for `req` with the given fds; raise OSError/ValueError on failure."""
+        ...
+
+    async def stop(self, engine: Engine) -> None:
+        """Ask the engine to end now (SIGTERM, then SIGKILL after a short grace)."""
+        ...
+
+    async def read_counters(self, engine: Engine) -> tuple[int | None, int | None]:
+        """Kernel IP byte counts (ingress, egress) for the engine, None where unknown."""
+        ...
+
+    def ended(self, engine: Engine) -> None:
+        """The engine exited: release anything held for it (timers)."""
+        ...
+
+
+class Firewall(Protocol):
+    """The holes side of `reflector.firewall.Firewall`, as the helper uses it (blocking calls)."""
+
+    def open_hole(self, test_id: str, peer: str, proto: str, port: int, ttl_s: int) -> None: ...
+
+    def close_hole(self, test_id: str) -> Any: ...  # HoleCounters | None
+
+
+def load_firewall(config: Config) -> Firewall | str:
+    """Reflector's nftables table, installed afresh (stale holes dropped), or why not.
+
+    Called once, when the helper starts in direct mode or at the first hole: a table left by a
+    previous run is resynchronised before anything is opened.
+    """
+    port_range = (config.network.data_port_range_start, config.network.data_port_range_end)
+    try:
+        firewall = NftFirewall(port_range)
+        firewall.ensure_table(port_range)
+    except (FirewallError, ValueError) as exc:  # no libnftables, no permission: stay closed
+        return f"nftables unavailable: {' '.join(str(exc).split()) or type(exc).__name__}"
+    return firewall
+
+
+class EngineSupervisor:
+    """Decides (via `HelperPolicy`) and acts on the four requests; one per helper or host."""
+
+    def __init__(
+        self,
+        config: Config,
+        launcher: Launcher,
+        *,
+        firewall: Firewall | str | None = None,
+        python: str = sys.executable,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.policy = HelperPolicy.from_config(config)
+        self.launcher = launcher
+        self.python = python
+        self.engines: dict[str, Engine] = {}
+        self.holes: dict[str, list[OpenHole]] = {}
+        self._firewall = firewall
+        self._clock = clock
+        self._start_lock = asyncio.Lock()
+
+    # --- engines
+
+    def running_by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = dict.fromkeys(ENGINE_KINDS, 0)
+        for engine in self.engines.values():
+            if engine.running:
+                counts[engine.request.kind] += 1
+        return counts
+
+    async def start(self, req: StartEngine) -> tuple[EngineStarted | Refused, list[int]]:
+        """Start `req`'s engine; on success also the read ends of its stdout and stderr.
+
+        The caller owns the returned fds (send them, then close them).
+        """
+        async with self._start_lock:  # check-then-launch must not interleave
+            refusal = self.policy.check(req, running=self.running_by_kind())
+            if refusal is None and req.test_id in self.engines:
+                refusal = Refused(code="exists", message=f"test {req.test_id} has an engine")
+            if refusal is not None:
+                return refusal, []
+            return await self._launch(req)
+
+    async def _launch(self, req: StartEngine) -> tuple[EngineStarted | Refused, list[int]]:
+        try:
+            command = engine_command(
+                req,
+                iperf3=self.config.iperf3,
+                python=self.python,
+                max_udp_echo_pps=self.config.quotas.max_udp_echo_pps,
+            )
+        except ValueError as exc:
+            return Refused(code="out_of_range", message=_short(str(exc))), []
+        pipes = [os.pipe() for _ in range(3)]  # stdin, stdout, stderr
+        (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes
+        try:
+            engine = await self.launcher.launch(
+                req, command, stdin=in_r, stdout=out_w, stderr=err_w
+            )
+        except (OSError, ValueError) as exc:
+            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            _log.warning("engine for test %s did not start: %s", req.test_id, exc)
+            return Refused(code="engine_failed", message=_short(f"cannot start: {exc}")), []
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        try:
+            os.write(in_w, command.stdin)  # < 100 bytes: never blocks on a fresh pipe
+        except OSError:
+            pass  # the engine already exited; its stderr says why
+        finally:
+            os.close(in_w)
+        self.engines[req.test_id] = engine
+        asyncio.get_running_loop().create_task(self._watch(engine))
+        ready = await self._wait_ready(engine)
+        if not ready and engine.running:
+            await self.launcher.stop(engine)
+        _log.info(
+            "engine %s for test %s: pid %d, unit %s, ready %s, protections %s",
+            req.kind,
+            req.test_id,
+            engine.proc.pid,
+            engine.unit,
+            ready,
+            ",".join(engine.protections),
+        )
+        started = EngineStarted(
+            test_id=req.test_id,
+            pid=engine.proc.pid,
+            unit=engine.unit,
+            ready=ready,
+            protections=engine.protections,
+        )
+        return started, [out_r, err_r]
+
+    async def _watch(self, engine: Engine) -> None:
+        await engine.proc.wait()
+        engine.ended = self._clock()
+        self.launcher.ended(engine)
+        self._trim_exited()
+
+    def _trim_exited(self) -> None:
+        exited = [e for e in self.engines.values() if not e.running]
+        for engine in sorted(exited, key=lambda e: e.ended or 0.0)[:-MAX_EXITED_KEPT]:
+            del self.engines[engine.request.test_id]
+
+    async def _wait_ready(self, engine: Engine) -> bool:
+        deadline = self._clock() + STARTUP_TIMEOUT_S
+        while self._clock() < deadline and engine.running:
+            if _has_socket(engine.uid, engine.request):
+                return True
+            await asyncio.sleep(READY_POLL_S)
+        return False
+
+    async def stop(self, req: StopEngine) -> EngineStopped | Refused:
+        engine = self.engines.get(req.test_id)
+        if engine is None:
+            return Refused(code="unknown_test", message=f"no engine for test {req.test_id}")
+        if engine.running and _is_zombie(engine.proc.pid):
+            await engine.proc.wait()  # it ended by itself (the caller saw EOF) but is unreaped
+        if engine.running:
+            engine.ip_counters = await self.launcher.read_counters(engine)
+            engine.stop_requested_at = self._clock()
+            await self.launcher.stop(engine)
+            await self._reap(engine)
+        else:
+            engine.ip_counters = await self.launcher.read_counters(engine)
+        await asyncio.sleep(0)  # let _watch record the end
+        del self.engines[req.test_id]
+        ended = engine.ended if engine.ended is not None else self._clock()
+        runtime_ms = max(0, round((ended - engine.started) * 1000))
+        code = engine.proc.returncode
+        assert code is not None
+        return EngineStopped(
+            test_id=req.test_id,
+            exit_code=code,
+            runtime_ms=runtime_ms,
+            stopped_by=_stopped_by(engine, runtime_ms),
+            ip_ingress_bytes=engine.ip_counters[0],
+            ip_egress_bytes=engine.ip_counters[1],
+        )
+
+    async def _reap(self, engine: Engine) -> None:
+        try:
+            await asyncio.wait_for(engine.proc.wait(), timeout=STOP_MARGIN_S + 2.0)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(engine.proc.pid, signal.SIGKILL)
+            await engine.proc.wait()
+
+    def prepare_firewall(self) -> None:
+        """In direct mode, install the table now (at start-up), not at the first hole."""
+        if self.policy.mode == "direct_ephemeral" and self._firewall is None:
+            self._firewall = load_firewall(self.config)
+            if isinstance(self._firewall, str):
+                _log.warning("direct mode without holes: %s", self._firewall)
+
+    async def stop_all(self) -> None:
+        """Stop every engine and close every hole (shutdown)."""
+        for test_id in list(self.engines):
+            await self.stop(StopEngine(test_id=test_id))
+        for test_id in list(self.holes):
+            await self.close_hole(CloseHole(test_id=test_id))
+
+    # --- holes
+
+    def _firewall_or_refusal(self) -> Firewall | Refused:
+        if self._firewall is None:
+            self._firewall = load_firewall(self.config)
+        if isinstance(self._firewall, str):
+            return Refused(code="firewall_unavailable", message=_short(self._firewall))
+        return self._firewall
+
+    async def open_hole(self, req: OpenHole) -> HoleOpened | Refused:
+        refusal = self.policy.check(req, running=self.running_by_kind())
+        if refusal is not None:
+            return refusal
+        held = self.holes.get(req.test_id, [])
+        if any(h.proto == req.proto for h in held):
+            return Refused(code="exists", message=f"test {req.test_id} has a {req.proto} hole")
+        # Each test holds at most one hole per protocol (iperf3's UDP tests need both).
+        if len(self.holes) >= self.policy.max_engines_per_kind and not held:
+            return Refused(code="busy", message="as many tests hold holes as may run at once")
+        firewall = self._firewall_or_refusal()
+        if isinstance(firewall, Refused):
+            return firewall
+        try:
+            await asyncio.to_thread(
+                firewall.open_hole, req.test_id, req.peer_addr, req.proto, req.port, req.ttl_s
+            )
+        except ValueError as exc:  # the firewall's own checks (e.g. held by another test)
+            return Refused(code="out_of_range", message=_short(str(exc)))
+        except Exception as exc:  # any failure means: nothing was opened
+            _log.warning("hole for test %s not opened: %s", req.test_id, exc)
+            return Refused(code="firewall_unavailable", message=_short(str(exc)))
+        self.holes.setdefault(req.test_id, []).append(req)
+        return HoleOpened(test_id=req.test_id)
+
+    async def close_hole(self, req: CloseHole) -> HoleClosed | Refused:
+        if req.test_id not in self.holes:
+            return Refused(code="unknown_test", message=f"no hole for test {req.test_id}")
+        firewall = self._firewall_or_refusal()
+        if isinstance(firewall, Refused):
+            return firewall
+        try:
+            counters = await asyncio.to_thread(firewall.close_hole, req.test_id)
+        except Exception as exc:  # reported; the kernel's timeout still closes the hole
+            _log.warning("hole for test %s not closed: %s", req.test_id, exc)
+            return Refused(code="firewall_unavailable", message=_short(str(exc)))
+        del self.holes[req.test_id]
+        return HoleClosed(
+            test_id=req.test_id,
+            packets=_count(getattr(counters, "packets", None)),
+            bytes=_count(getattr(counters, "bytes", None)),
+            expired=_count(getattr(counters, "expired", None)),
+        )
+
+
+def _stopped_by(engine: Engine, runtime_ms: int) -> StoppedBy:
+    """Who ended the engine: its RuntimeMaxSec= (or the local timer), our stop, or itself.
+
+    Anything that ended at its runtime limit was ended by it, whatever its code (iperf3 catches
+    SIGTERM and exits 1) and even if a stop arrived at the same moment (the caller saw EOF
+    before the exit was reaped). No engine ends on its own that late: iperf3's idle timeout is
+    30 s beyond the test.
+    """
+    limit = engine.runtime_max_s - RUNTIME_LIMIT_SLACK_S
+    if engine.stop_requested_at is not None:
+        return "runtime_limit" if engine.stop_requested_at - engine.started >= limit else "stop"
+    return "runtime_limit" if runtime_ms >= limit * 1000 else "exit"
+
+
+# /proc/net/tcp's state column for a listening socket.
+_TCP_LISTEN: Final = "0A"
+
+
+def bound_ports(table: str, *, listening_only: bool) -> set[tuple[int, int]]:
+    """(local port, uid) of each socket in a /proc/net/{tcp,tcp6,udp,udp6} table."""
+    found: set[tuple[int, int]] = set()
+    for line in table.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) < 8 or ":" not in cols[1]:
+            continue
+        if listening_only and cols[3] != _TCP_LISTEN:
+            continue
+        try:
+            found.add((int(cols[1].rsplit(":", 1)[1], 16), int(cols[7])))
+        except ValueError:
+            continue
+    return found
+
+
+def _has_socket(uid: int, req: StartEngine) -> bool:
+    """Whether a socket of `uid` is bound to the engine's port (TCP LISTEN for iperf3).
+
+    Read from the kernel's socket tables, never by connecting: a probe connection would be the
+    one client that `iperf3 --one-off` serves. /proc/net is world-readable, so the helper needs
+    no CAP_SYS_PTRACE to look at another user's process.
+    """
+    proto = "tcp" if req.kind == "iperf3" else "udp"
+    for suffix in ("", "6"):
+        try:
+            with open(f"/proc/net/{proto}{suffix}", encoding="ascii") as fh:
+                table = fh.read()
+        except OSError:
+            continue
+        if (req.port, uid) in bound_ports(table, listening_only=proto == "tcp"):
+            return True
+    return False
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether our child `pid` has exited but is not reaped yet (state Z in /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def _short(text: str) -> str:
+    line = " ".join(text.split())
+    return line[:MAX_MESSAGE_LEN]
