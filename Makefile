@@ -22,8 +22,9 @@ test-system: deps
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS) tests/system
 
 lint: deps
-	$(VENV)/bin/ruff check reflector tests
+	$(VENV)/bin/ruff check reflector tests benchmarks
 	$(VENV)/bin/mypy
+	cd ansible && ansible-lint --offline -q
 
 bench: deps
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

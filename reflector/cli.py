@@ -375,6 +375,20 @@ def audit_export(
         sys.stdout.write(line if line.endswith("\n") else line + "\n")
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def privd(ctx: typer.Context) -> None:
+    """The privileged helper (root, socket-activated by reflector-privd.socket; see SECURITY.md).
+
+    Arguments pass through: --config FILE, --socket PATH, --parent-user, --engine-user, --help.
+    """
+    from reflector.privsep.helper import main as helper_main
+
+    helper_main(list(ctx.args))
+
+
 # Recent refusals shown by `reflector status`: the last day, at most this many.
 STATUS_RECENT_DENIES = 10
 

@@ -406,7 +406,7 @@ async def serve_helper(
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m reflector.privsep.helper",
+        prog="reflector privd",
         description="Reflector's privileged helper (socket-activated; see SECURITY.md).",
     )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)

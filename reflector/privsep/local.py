@@ -225,6 +225,9 @@ class LocalEngineHost:
         self._supervisor = EngineSupervisor(
             config, launcher, firewall=_local_firewall(config), python=python
         )
+        # Direct mode: set up Reflector's table now, so a missing nftables shows at start-up
+        # (and stale holes of a crashed run are cleared before anything is granted).
+        self._supervisor.prepare_firewall()
 
     async def start_engine(
         self,

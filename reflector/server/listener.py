@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import time
+from asyncio import sslproto
 from collections.abc import Callable
 from typing import Protocol
 
@@ -87,6 +88,14 @@ class _GatedTLS(AlertingSSLProtocol):
             reason = _handshake_reason(handshake_exc)
             self._listener.handler.connection_denied(self._source, reason, None)
         super()._on_handshake_complete(handshake_exc)
+
+    def _check_handshake_timeout(self) -> None:
+        # asyncio aborts a handshake that outlives the timeout without calling
+        # _on_handshake_complete, so the refusal would go unaudited: report it here.
+        state = self._state  # type: ignore[attr-defined]  # asyncio private, as above
+        if state == sslproto.SSLProtocolState.DO_HANDSHAKE and self._source is not None:
+            self._listener.handler.connection_denied(self._source, "handshake_timeout", None)
+        super()._check_handshake_timeout()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._source is None:

@@ -450,7 +450,10 @@ class SessionManager:
     def _new_session_id(self) -> str:
         while True:  # a collision is practically impossible, but costs nothing to rule out
             candidate = secrets.token_urlsafe(SESSION_ID_BYTES)
-            if candidate not in self._sessions:
+            # The ID keys nftables holes and engine scopes, whose validators refuse a leading
+            # '-' or '_' (as an option or a hidden name would start): token_urlsafe gives one
+            # 1 time in 32, which would fail that session's hole in direct mode.
+            if candidate[0].isalnum() and candidate not in self._sessions:
                 return candidate
 
     def _maybe_prune(self, now: Instant) -> None:

@@ -131,7 +131,8 @@ def helper_host(systemd_host_module: SystemdHost) -> SystemdHost:
     host.write_file("/usr/local/lib/privsep-client.py", CLIENT, mode=0o644)
     for name in ("reflector-privd.socket", "reflector-privd.service"):
         text = (REPO_ROOT / "units" / name).read_text()
-        host.write_file(f"/etc/systemd/system/{name}", text.replace("/opt/reflector", VENV))
+        text = text.replace("/usr/local/bin/reflector", f"{VENV}/bin/reflector")
+        host.write_file(f"/etc/systemd/system/{name}", text)
     host.run(["systemctl", "daemon-reload"])
     host.run(["systemctl", "start", "reflector-privd.socket"])
     return host
