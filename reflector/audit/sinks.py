@@ -161,8 +161,15 @@ class JsonlSink:
             if size != self._tail.end:  # another writer appended, or the file was cut
                 self._tail = _find_tail(self._fd, self.path)
             line = encode_line(to_record(event), seq=self._tail.seq + 1, prev=self._tail.digest)
-            _write_all(self._fd, line + b"\n")
-            os.fsync(self._fd)
+            try:
+                _write_all(self._fd, line + b"\n")
+                os.fsync(self._fd)
+            except OSError:
+                # A full disk may have taken part of the line: cut it off now, so the chain
+                # stays whole even if nothing else is ever written (truncating needs no space).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._tail.end)
+                raise
             self._tail = _Tail(
                 end=self._tail.end + len(line) + 1, seq=self._tail.seq + 1, digest=line_digest(line)
             )

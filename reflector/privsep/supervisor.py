@@ -152,6 +152,9 @@ class EngineSupervisor:
         self.python = python
         self.engines: dict[str, Engine] = {}
         self.holes: dict[str, list[OpenHole]] = {}
+        # When each test's holes expire in the kernel (monotonic): a hole whose parent died is
+        # gone from nftables by then, so it must stop counting against capacity too.
+        self._hole_expiry: dict[str, float] = {}
         self._firewall = firewall
         self._clock = clock
         self._start_lock = asyncio.Lock()
@@ -312,6 +315,7 @@ class EngineSupervisor:
         refusal = self.policy.check(req, running=self.running_by_kind())
         if refusal is not None:
             return refusal
+        self._forget_expired_holes()
         held = self.holes.get(req.test_id, [])
         if any(h.proto == req.proto for h in held):
             return Refused(code="exists", message=f"test {req.test_id} has a {req.proto} hole")
@@ -331,7 +335,16 @@ class EngineSupervisor:
             _log.warning("hole for test %s not opened: %s", req.test_id, exc)
             return Refused(code="firewall_unavailable", message=_short(str(exc)))
         self.holes.setdefault(req.test_id, []).append(req)
+        expiry = time.monotonic() + req.ttl_s
+        self._hole_expiry[req.test_id] = max(expiry, self._hole_expiry.get(req.test_id, 0.0))
         return HoleOpened(test_id=req.test_id)
+
+    def _forget_expired_holes(self) -> None:
+        now = time.monotonic()
+        for test_id, expiry in list(self._hole_expiry.items()):
+            if now >= expiry:
+                self.holes.pop(test_id, None)
+                del self._hole_expiry[test_id]
 
     async def close_hole(self, req: CloseHole) -> HoleClosed | Refused:
         if req.test_id not in self.holes:
@@ -345,6 +358,7 @@ class EngineSupervisor:
             _log.warning("hole for test %s not closed: %s", req.test_id, exc)
             return Refused(code="firewall_unavailable", message=_short(str(exc)))
         del self.holes[req.test_id]
+        self._hole_expiry.pop(req.test_id, None)
         return HoleClosed(
             test_id=req.test_id,
             packets=_count(getattr(counters, "packets", None)),

@@ -48,7 +48,16 @@ from reflector.privsep import EngineLimits, PrivsepError, select_engine_host
 from reflector.server.hosted_iperf import HostedIperf
 from reflector.server.link_protocol import LinkProtocol
 from reflector.server.service import Service, ServiceDeps
-from reflector.sessions import Deny, Outcome, Session, SessionManager, TestType, UsageStore
+from reflector.sessions import (
+    Deny,
+    DenyReason,
+    LedgerError,
+    Outcome,
+    Session,
+    SessionManager,
+    TestType,
+    UsageStore,
+)
 from reflector.sessions import clock as session_clock
 from reflector.status import STATUS_FILE_NAME
 from reflector.tunnel.relay import TunnelCounters
@@ -74,6 +83,9 @@ ENGINE_STOP_TIMEOUT_SEC = 10.0
 ENGINE_EXIT_GRACE_SEC = 3.0
 # The latency-under-load probe key of a throughput session, like the UDP echo's (256 bits).
 ECHO_KEY_BYTES = 32
+# The state dir failing (disk full, I/O errors): refuse, and suggest retrying after a minute.
+STATE_UNAVAILABLE = DenyReason.STATE_UNAVAILABLE.value
+STATE_RETRY_AFTER_SEC = 60
 # get_result while the engine still runs: ask again this soon.
 RESULT_PENDING_RETRY_SEC = 1
 
@@ -126,7 +138,15 @@ class EndpointService(Service):
         if isinstance(request, SessionClose):
             return await self._close(link, request)
         if isinstance(request, GetStatus):
-            status = self.manager.status(link.peer_id, session_clock.now())
+            try:
+                status = self.manager.status(link.peer_id, session_clock.now())
+            except LedgerError:
+                return ErrorResponse(
+                    request_id=request.request_id,
+                    code=STATE_UNAVAILABLE,
+                    message="the endpoint cannot read its usage records right now",
+                    retry_after=STATE_RETRY_AFTER_SEC,
+                )
             return StatusSnapshot(
                 request_id=request.request_id,
                 sessions=tuple(status["sessions"]),
@@ -187,7 +207,10 @@ class EndpointService(Service):
         """
         if self.on_status is not None:
             self.on_status(self.status_line())
-        snapshot = self.manager.snapshot(session_clock.now())
+        try:
+            snapshot = self.manager.snapshot(session_clock.now())
+        except LedgerError as exc:
+            snapshot = {"error": str(exc)}
         doc = {
             "endpoint_id": self.identity.endpoint_id,
             "running": running,
@@ -222,7 +245,16 @@ class EndpointService(Service):
                 source_addr=link.source[0],
             )
             return dataclasses.replace(refusal, request_id=request.request_id)
-        decision = self.manager.request(link.peer_id, request.test_type, request.params, now)
+        try:
+            decision = self.manager.request(link.peer_id, request.test_type, request.params, now)
+        except LedgerError as exc:
+            # Fail closed: what cannot be accounted is not granted.
+            _log.error("session refused, usage cannot be recorded: %s", exc)
+            decision = Deny(
+                reason=DenyReason.STATE_UNAVAILABLE,
+                message="the endpoint cannot record usage right now (state storage failing)",
+                retry_after=STATE_RETRY_AFTER_SEC,
+            )
         if isinstance(decision, Deny):
             self.audit.emit(
                 "session_deny",
@@ -551,7 +583,11 @@ class EndpointService(Service):
             upload = not (isinstance(session.params, ThroughputParams) and session.params.reverse)
             rx, tx = (kernel_bytes - tx, tx) if upload else (rx, kernel_bytes - rx)
             result["firewall_bytes"] = kernel_bytes
-        self.store.record_bytes(session.session_id, rx, tx)
+        try:
+            self.store.record_bytes(session.session_id, rx, tx)
+        except LedgerError as exc:
+            _log.error("cannot record the bytes of session %s: %s", session.session_id, exc)
+            result["accounting_error"] = "usage could not be recorded"
         self._remember(session, result)
         self._audit_finish(session, run, pid, exit_code, rx, tx)
         self.publish_status()

@@ -5,7 +5,7 @@ Layers, bottom up: `clock` (the only module reading time), `windows` (time-of-da
 `manager` (active sessions, tokens, ports, expiry). The asyncio server calls `SessionManager`.
 """
 
-from reflector.sessions.accounting import Ledger, PeerUsage, UsageStore
+from reflector.sessions.accounting import Ledger, LedgerError, PeerUsage, UsageStore
 from reflector.sessions.clock import Instant, age_seconds, now
 from reflector.sessions.manager import (
     CloseError,
@@ -36,6 +36,7 @@ __all__ = [
     "Grant",
     "Instant",
     "Ledger",
+    "LedgerError",
     "Outcome",
     "PeerUsage",
     "Session",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -127,6 +127,10 @@ class Ledger(Protocol):
     def prune(self, now: Instant) -> int: ...
 
 
+class LedgerError(ReflectorError):
+    """The usage database cannot be read or written (e.g. the state dir's disk is full)."""
+
+
 class UsageStore:
     """The sqlite ledger. Open it with `UsageStore.open(state_dir)`; close it with `close()`."""
 
@@ -156,6 +160,16 @@ class UsageStore:
     def close(self) -> None:
         self._conn.close()
 
+    def _execute(
+        self, sql: str, params: Sequence[object] | Mapping[str, object] = ()
+    ) -> sqlite3.Cursor:
+        """Run one statement; any database failure (disk full, I/O error, corruption) becomes
+        a LedgerError, which callers turn into a refusal rather than a crash."""
+        try:
+            return self._conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{self.path}: {exc}") from exc
+
     def __enter__(self) -> UsageStore:
         return self
 
@@ -166,7 +180,7 @@ class UsageStore:
         self, *, session_id: str, peer_id: str, test_type: str, started: Instant
     ) -> None:
         """Record a granted test; from now on it counts against the peer's quotas."""
-        self._conn.execute(
+        self._execute(
             "INSERT INTO tests (session_id, peer_id, test_type,"
             " started_wall, started_boot, started_boottime) VALUES (?, ?, ?, ?, ?, ?)",
             (session_id, peer_id, test_type, started.wall, started.boot_id, started.boottime),
@@ -179,7 +193,7 @@ class UsageStore:
                 raise ValueError(
                     f"{name} must be an integer in 0..{MAX_BYTES_DELTA}, got {value!r}"
                 )
-        cursor = self._conn.execute(
+        cursor = self._execute(
             "UPDATE tests SET bytes_rx = bytes_rx + ?, bytes_tx = bytes_tx + ?"
             " WHERE session_id = ?",
             (rx, tx, session_id),
@@ -188,7 +202,7 @@ class UsageStore:
 
     def record_end(self, session_id: str, ended: Instant, outcome: str) -> None:
         """Mark a test ended (the first end recorded wins)."""
-        self._conn.execute(
+        self._execute(
             "UPDATE tests SET ended_wall = ?, ended_boot = ?, ended_boottime = ?, outcome = ?"
             " WHERE session_id = ? AND ended_wall IS NULL",
             (ended.wall, ended.boot_id, ended.boottime, outcome, session_id),
@@ -196,7 +210,7 @@ class UsageStore:
 
     def peer_usage(self, peer_id: str, now: Instant) -> PeerUsage:
         """The peer's tests in the last hour, bytes in the last day and last end, as of `now`."""
-        started = self._conn.execute(
+        started = self._execute(
             "SELECT started_wall, started_boot, started_boottime, bytes_rx + bytes_tx"  # noqa: S608
             f" FROM tests WHERE peer_id = :peer AND {_STARTED_WITHIN}",
             _params(now, DAY_SEC, peer=peer_id),
@@ -204,7 +218,7 @@ class UsageStore:
         records = sorted(
             ((age_seconds(Instant(w, b, t), now), n) for w, b, t, n in started), reverse=True
         )
-        ended = self._conn.execute(
+        ended = self._execute(
             "SELECT ended_wall, ended_boot, ended_boottime"  # noqa: S608
             f" FROM tests WHERE peer_id = :peer AND {_ENDED_WITHIN}",
             _params(now, DAY_SEC, peer=peer_id),
@@ -218,7 +232,7 @@ class UsageStore:
 
     def peers_seen(self, now: Instant, within: float = DAY_SEC) -> list[str]:
         """Peers that started a test in the last `within` seconds (for `reflector status`)."""
-        rows = self._conn.execute(
+        rows = self._execute(
             f"SELECT DISTINCT peer_id FROM tests WHERE {_STARTED_WITHIN} ORDER BY peer_id",  # noqa: S608
             _params(now, within),
         ).fetchall()
@@ -230,7 +244,7 @@ class UsageStore:
         `now` is the latest moment such a test can have ended, so cooldowns count from it:
         over-estimating by the length of an outage errs on the side of the quota.
         """
-        cursor = self._conn.execute(
+        cursor = self._execute(
             "UPDATE tests SET ended_wall = ?, ended_boot = ?, ended_boottime = ?, outcome = ?"
             " WHERE ended_wall IS NULL",
             (now.wall, now.boot_id, now.boottime, outcome),
@@ -239,7 +253,7 @@ class UsageStore:
 
     def prune(self, now: Instant) -> int:
         """Delete tests that started more than `RETENTION_SEC` ago; return how many."""
-        cursor = self._conn.execute(
+        cursor = self._execute(
             f"DELETE FROM tests WHERE NOT {_STARTED_WITHIN}",  # noqa: S608
             _params(now, RETENTION_SEC),
         )

@@ -79,6 +79,9 @@ class DenyReason(StrEnum):
     DAILY_BYTES_QUOTA = "daily_bytes_quota"
     COOLDOWN = "cooldown"
     NO_PORT_AVAILABLE = "no_port_available"
+    # Not a policy decision: the usage ledger cannot be written (e.g. disk full), so nothing
+    # can be accounted and nothing is granted (fail closed).
+    STATE_UNAVAILABLE = "state_unavailable"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -463,3 +463,12 @@ def test_the_manager_works_with_a_loaded_config_and_the_real_clock(store: UsageS
     assert later.boot_id == now.boot_id
     assert later.boottime >= now.boottime
     assert mgr.check_token(s.session_id, s.token, ALICE, later) == s
+
+
+def test_session_ids_start_with_a_letter_or_digit() -> None:
+    """IDs are also firewall element comments and unit names: never a leading '-' or '_'."""
+    manager = SessionManager.__new__(SessionManager)
+    manager._sessions = {}  # type: ignore[attr-defined]
+    ids = [manager._new_session_id() for _ in range(2000)]
+    assert all(i[0].isalnum() for i in ids)
+    assert len(set(ids)) == len(ids)
