@@ -8,22 +8,16 @@ restarts `reflector.service` afterwards.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from reflector import __version__
 from reflector.config import Config
 from reflector.errors import ConfigError
-from reflector.update.selfupdate import (
-    Offer,
-    check,
-    host_arch,
-    install,
-    load_public_key,
-    rollback,
-    running_binary,
-)
+
+if TYPE_CHECKING:
+    from reflector.update.selfupdate import Offer
 
 # Where the Ansible role puts the release public key when the config names none.
 DEFAULT_PUBLIC_KEY_PATH = Path("/etc/reflector/update.pub")
@@ -107,6 +101,17 @@ def self_update(
     ] = None,
 ) -> None:
     """Verify the signed manifest, then the artifact's SHA-256 and size; replace atomically."""
+    # Imported here, not at the top: every `reflector` command loads this module to register
+    # the sub-command, and only self-update needs urllib, hashing and minisign.
+    from reflector.update.selfupdate import (
+        check,
+        host_arch,
+        install,
+        load_public_key,
+        rollback,
+        running_binary,
+    )
+
     cfg = _resolve_config(config)
     if not cfg.updates.enabled:
         raise ConfigError(
