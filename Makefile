@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test test-unit test-system lint bench dist clean
+.PHONY: deps demo test test-unit test-system lint bench fuzz dist clean
 
 deps:
 	@bash .ci/deps.sh
@@ -28,6 +28,10 @@ lint: deps
 
 bench: deps
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+FUZZ_SECONDS ?= 300
+fuzz: deps
+	$(PY) tests/fuzz/run_atheris.py --all --seconds $(FUZZ_SECONDS) --jobs 2 $(FUZZ_ARGS)
 
 dist: deps
 	@bash .ci/build-binary.sh

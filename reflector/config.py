@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import re
 import tomllib
 import typing
@@ -202,7 +203,7 @@ def load_config(path: Path | None, *, state_dir: Path | None = None) -> Config:
         config: Config = _build(Config, data, "")
         _check_cross_field(config)
     except _Invalid as exc:
-        raise ConfigError(f"{label}: {exc.key}: {exc.reason}") from None
+        raise ConfigError(f"{label}: {_one_line(exc.key)}: {exc.reason}") from None
     if state_dir is not None:
         config = dataclasses.replace(
             config, service=dataclasses.replace(config.service, state_dir=str(state_dir))
@@ -217,9 +218,11 @@ def parse_config_text(text: str, label: str = "<text>") -> Config:
         config: Config = _build(Config, data, "")
         _check_cross_field(config)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{label}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{label}: not valid TOML: {_one_line(str(exc))}") from None
+    except (RecursionError, ValueError):  # absurd nesting, over-long integer literals
+        raise ConfigError(f"{label}: not a usable config (nesting or numbers too large)") from None
     except _Invalid as exc:
-        raise ConfigError(f"{label}: {exc.key}: {exc.reason}") from None
+        raise ConfigError(f"{label}: {_one_line(exc.key)}: {exc.reason}") from None
     return config
 
 
@@ -236,7 +239,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: config is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {_one_line(str(exc))}") from None
+    except (RecursionError, ValueError):  # absurd nesting, over-long integer literals
+        raise ConfigError(f"{path}: not a usable config (nesting or numbers too large)") from None
 
 
 def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
@@ -430,6 +435,11 @@ def _check_cross_field(config: Config) -> None:
         )
 
 
+def _one_line(text: str) -> str:
+    """Errors are one line: a key or message carrying a newline is shown escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _type_name(value: object) -> str:
     names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
     names.update({list: "an array", dict: "a table"})
@@ -466,5 +476,5 @@ def _toml_value(value: object) -> str:
         return str(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    # A JSON string is a TOML basic string once DEL, which TOML also wants escaped, is.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")

@@ -170,7 +170,10 @@ def _normalise_slowly(text: str) -> str:
     for position, raw_char in enumerate(text, start=1):
         if raw_char in _SEPARATORS or raw_char.isspace():
             continue
-        char = _ALIASES.get(raw_char.upper(), raw_char.upper())
+        # Only ASCII may be case-folded: str.upper() maps U+017F (long s) to "S" and U+0131
+        # (dotless i) to "I", which would let look-alikes through.
+        upper = raw_char.upper() if raw_char.isascii() else raw_char
+        char = _ALIASES.get(upper, upper)
         if char not in _VALUE:
             raise EndpointIdError(
                 f"character {raw_char!r} at position {position} is not allowed in an endpoint "

@@ -629,6 +629,8 @@ class FrameReader:
             return json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ProtocolError("frame is not UTF-8 JSON") from None
+        except (RecursionError, ValueError):  # absurd nesting, over-long integer literals
+            raise ProtocolError("frame is JSON beyond this protocol's limits") from None
 
     @property
     def pending(self) -> int:

@@ -161,6 +161,8 @@ def parse_manifest(data: bytes) -> Manifest:
         obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"manifest is not JSON: {exc}") from exc
+    except (RecursionError, ValueError):  # absurd nesting, over-long integer literals
+        raise ManifestError("manifest is JSON beyond any real manifest's shape") from None
     top = _exact_keys(obj, _TOP_KEYS, "manifest")
     if top["format"] != MANIFEST_FORMAT:
         raise ManifestError(f"manifest format {top['format']!r} is not {MANIFEST_FORMAT!r}")

@@ -1,0 +1,1 @@
+"""Fuzzing of every parser that reads bytes from outside: see README.md in this folder."""
