@@ -117,7 +117,18 @@ class EndpointService(Service):
     ) -> None:
         super().__init__(config, identity, audit, deps)
         self.store = UsageStore.open(config.state_dir)
+        # Tests a crashed or killed predecessor left open: the manager closes them as
+        # interrupted (they still count against quotas); the audit trail says so, once each.
+        interrupted = self.store.unfinished()
         self.manager = SessionManager.from_config(config, self.store, session_clock.now())
+        for session_id, peer_id, test_type in interrupted:
+            audit.emit(
+                "session_close",
+                peer_id=peer_id,
+                test_id=session_id,
+                test_type=test_type,
+                reason=Outcome.INTERRUPTED.value,
+            )
         self.runs: dict[str, _Run] = {}
         self.results: collections.OrderedDict[str, tuple[str, dict[str, Any]]] = (
             collections.OrderedDict()

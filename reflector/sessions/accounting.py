@@ -238,6 +238,13 @@ class UsageStore:
         ).fetchall()
         return [peer for (peer,) in rows]
 
+    def unfinished(self) -> list[tuple[str, str, str]]:
+        """(session_id, peer_id, test_type) of every test still open in the ledger."""
+        rows = self._execute(
+            "SELECT session_id, peer_id, test_type FROM tests WHERE ended_wall IS NULL"
+        ).fetchall()
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
+
     def close_unfinished(self, now: Instant, outcome: str) -> int:
         """End every test a previous process left open (it crashed or was killed).
 

@@ -463,3 +463,28 @@ def test_direct_mode_without_nftables_refuses_and_opens_nothing(tmp_path: Path) 
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_test_left_open_by_a_crash_is_closed_as_interrupted_and_audited(
+    tmp_path: Path,
+) -> None:
+    from reflector.fsutil import ensure_private_dir
+    from reflector.sessions import UsageStore, clock
+
+    state = tmp_path / "ep"
+    ensure_private_dir(state)
+    with UsageStore.open(state) as store:  # what a killed endpoint leaves behind
+        store.record_start(
+            session_id="crashedSession01",
+            peer_id="PPX",
+            test_type="throughput",
+            started=clock.now(),
+        )
+
+    async def body() -> None:
+        async with endpoint(state) as ep:
+            closes = [e for e in events(ep, "session_close") if e["test_id"] == "crashedSession01"]
+            assert [c["reason"] for c in closes] == ["interrupted"]
+            assert ep.service.store.unfinished() == []
+
+    run(body())
