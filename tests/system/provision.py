@@ -1,4 +1,4 @@
-"""Provisioning a host the way an operator does: a wheelhouse, the Ansible role, testinfra.
+"""Provisioning a host the way an operator does: a release, the Ansible role, testinfra.
 
 Why this exists: the role is only proven by running it on a real systemd host, and its result is
 only proven by looking at the host as an operator would. The booted container of the harness is
@@ -9,6 +9,10 @@ controller's files (the role, the units, the wheelhouse) are paths inside the co
 testinfra has no backend for "a process tree entered with nsenter", so `ContainerBackend` adds
 one: every command testinfra runs goes through `SystemdHost`'s nsenter prefix, with the same
 clean environment the harness uses for its own commands.
+
+The appliance side is shared by the provisioning tests too: an appliance identity, a network
+namespace joined to the host by a veth (RFC 5737 TEST-NET-1), and `reflector client` runs from it
+against the provisioned endpoint. So is a throwaway minisign release key.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +37,20 @@ from .harness import REPO_ROOT, SystemdHost
 
 __all__ = [
     "ANSIBLE_DIR",
+    "APPLIANCE_CLI",
+    "CONFIG_FILE",
+    "ENDPOINT_ADDR",
     "ContainerBackend",
     "PlayRecap",
+    "appliance_id",
+    "appliance_namespace",
     "build_wheelhouse",
     "container_infra",
+    "endpoint_id",
+    "minisign_keypair",
+    "run_appliance",
     "run_playbook",
+    "unit_properties",
 ]
 
 ANSIBLE_DIR = REPO_ROOT / "ansible"
@@ -45,6 +60,18 @@ WHEELHOUSE_TIMEOUT_S = 300.0
 # A first run (venv, ensurepip, installing ~20 wheels, starting the service) takes about 40 s
 # on the 2-core machines; a second, idempotent run about 10 s.
 PLAYBOOK_TIMEOUT_S = 240.0
+# The config the role writes (fixed by the units' ExecStart=).
+CONFIG_FILE = "/etc/reflector/reflector.toml"
+# The appliance runs the repository's own client, as a separately installed appliance would.
+APPLIANCE_CLI = str(REPO_ROOT / ".venv" / "bin" / "reflector")
+APPLIANCE_STATE = "/root/appliance"
+# The appliance's namespace and the veth between it and the endpoint host (RFC 5737 TEST-NET-1).
+APPLIANCE_NS = "appliance"
+APPLIANCE_VETH = "rfl-app"
+ENDPOINT_ADDR = "192.0.2.1"
+APPLIANCE_ADDR = "192.0.2.2"
+# One client run: a few seconds of measurement plus the handshake; a minute means it hangs.
+CLIENT_TIMEOUT_S = 60.0
 # What pip needs to build the package: nothing else from the repository goes into the wheel.
 _SOURCE_ITEMS = ("pyproject.toml", "README.md", "reflector")
 
@@ -150,3 +177,86 @@ class ContainerBackend(base.BaseBackend):  # type: ignore[misc]
 def container_infra(host: SystemdHost) -> Any:
     """A `testinfra.host.Host` whose modules (file, user, service, socket...) see the container."""
     return testinfra.host.Host(ContainerBackend(host))
+
+
+def unit_properties(host: SystemdHost, unit: str, *props: str) -> dict[str, str]:
+    """`systemctl show` of `props`, as a dict (what systemd really runs, not the unit file)."""
+    out = host.run(["systemctl", "show", unit, "-p", ",".join(props)]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def endpoint_id(host: SystemdHost) -> str:
+    """The provisioned endpoint's ID, read as the service user reads its own identity."""
+    return host.run(
+        ["/usr/local/bin/reflector", "id", "--config", CONFIG_FILE], user="reflector"
+    ).stdout.strip()
+
+
+def appliance_id(host: SystemdHost) -> str:
+    """Create (once) the appliance's identity in the container and return its ID, so the
+    operator can put it in the allowlist before provisioning."""
+    return host.run([APPLIANCE_CLI, "client", "id", "--state-dir", APPLIANCE_STATE]).stdout.strip()
+
+
+@contextmanager
+def appliance_namespace(host: SystemdHost) -> Iterator[str]:
+    """A network namespace for the appliance, joined to the host by a veth (192.0.2.0/24)."""
+    host.run(
+        [
+            "/bin/sh",
+            "-ec",
+            f"ip netns add {APPLIANCE_NS}\n"
+            f"ip link add {APPLIANCE_VETH} type veth peer name eth0 netns {APPLIANCE_NS}\n"
+            f"ip addr add {ENDPOINT_ADDR}/24 dev {APPLIANCE_VETH}\n"
+            f"ip link set {APPLIANCE_VETH} up\n"
+            f"ip -n {APPLIANCE_NS} link set lo up\n"
+            f"ip -n {APPLIANCE_NS} addr add {APPLIANCE_ADDR}/24 dev eth0\n"
+            f"ip -n {APPLIANCE_NS} link set eth0 up\n",
+        ]
+    )
+    try:
+        yield APPLIANCE_NS
+    finally:
+        host.run(f"ip netns del {APPLIANCE_NS}; ip link del {APPLIANCE_VETH}", check=False)
+
+
+def run_appliance(
+    host: SystemdHost, ns: str, port: int, command: str, *extra: str
+) -> dict[str, Any]:
+    """Run `reflector client COMMAND --json` from the appliance's namespace against the
+    provisioned endpoint (pinned to its Endpoint ID); return the JSON report."""
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        APPLIANCE_CLI,
+        "client",
+        command,
+        "-e",
+        f"{ENDPOINT_ADDR}:{port}",
+        "--expect-id",
+        endpoint_id(host),
+        "--state-dir",
+        APPLIANCE_STATE,
+        "--json",
+        *extra,
+    ]
+    result = host.run(argv, check=False, timeout=CLIENT_TIMEOUT_S)
+    assert result.returncode == 0, (
+        f"{shlex.join(argv)} exited with {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    )
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def minisign_keypair(directory: Path, name: str) -> tuple[Path, str]:
+    """A password-less minisign key pair made by the real tool: (secret key file, the public
+    key's base64 line, which is what the role's reflector_minisign_public_key takes)."""
+    secret, public = directory / f"{name}.key", directory / f"{name}.pub"
+    subprocess.run(
+        ["minisign", "-G", "-W", "-p", str(public), "-s", str(secret)],
+        check=True,
+        capture_output=True,
+    )
+    return secret, public.read_text().splitlines()[1].strip()

@@ -2,12 +2,14 @@
 (issue 7, spec §9, §10).
 
 The host is a booted systemd container with no network. The release goes in as a wheelhouse
-built from this repository; `ansible-playbook ansible/playbook.yml` runs inside the host with the
-local connection. The result is then checked the way an operator would look at it, through
-pytest-testinfra: users, files and modes, the running unit and the hardening it really runs
-with, the listening port, the READY event in the journal. An appliance in a network namespace of
-its own (documentation addresses) then measures latency and throughput through the provisioned
-endpoint, and a second run of the playbook must change nothing.
+built from this repository, with `reflector_install_method: wheel` (the development method; the
+default, the signed single binary, is provisioned by test_provision_binary.py), and
+`ansible-playbook ansible/playbook.yml` runs inside the host with the local connection. The
+result is then checked the way an operator would look at it, through pytest-testinfra: users,
+files and modes, the running unit and the hardening it really runs with, the listening port, the
+READY event in the journal. An appliance in a network namespace of its own (documentation
+addresses) then measures latency and throughput through the provisioned endpoint, and a second
+run of the playbook must change nothing.
 
 The tests share one provisioned host and run in file order; the last one re-runs the play.
 """
@@ -18,7 +20,6 @@ import hashlib
 import json
 import platform
 import re
-import shlex
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +31,18 @@ import pytest
 from reflector.update.manifest import MACHINE_TO_ARCH, Artifact, format_manifest
 
 from .harness import REPO_ROOT, SystemdHost
-from .provision import PlayRecap, build_wheelhouse, container_infra, run_playbook
+from .provision import (
+    PlayRecap,
+    appliance_id,
+    appliance_namespace,
+    build_wheelhouse,
+    container_infra,
+    endpoint_id,
+    minisign_keypair,
+    run_appliance,
+    run_playbook,
+    unit_properties,
+)
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -40,13 +52,6 @@ ENDPOINT_ID_RE = re.compile(r"Endpoint ID: (PP[0-9A-Z-]+)")
 MAX_EXPOSURE = 2.0
 # Paths inside the container.
 WHEELHOUSE = "/srv/reflector-wheelhouse"
-APPLIANCE_STATE = "/root/appliance"
-# The appliance runs the repository's own client, as a separately installed appliance would.
-APPLIANCE_CLI = str(REPO_ROOT / ".venv" / "bin" / "reflector")
-# The appliance's namespace and the veth between it and the endpoint host (RFC 5737 TEST-NET-1).
-APPLIANCE_NS = "appliance"
-ENDPOINT_ADDR = "192.0.2.1"
-APPLIANCE_ADDR = "192.0.2.2"
 # A couple of seconds each is enough to prove the path works; quality is measured elsewhere.
 MEASURE_SECONDS = 2
 # After a restart, the new process must be ready within this (it is ready in about 1 s).
@@ -75,16 +80,15 @@ def provisioned(systemd_host_module: SystemdHost, wheelhouse: Path) -> Provision
     host = systemd_host_module
     host.copy_in(wheelhouse, WHEELHOUSE)
     # The appliance exists first, so the operator can put its ID in the allowlist.
-    appliance_id = host.run(
-        [APPLIANCE_CLI, "client", "id", "--state-dir", APPLIANCE_STATE]
-    ).stdout.strip()
+    appliance = appliance_id(host)
     extra_vars = {
+        "reflector_install_method": "wheel",
         "reflector_wheelhouse_src": WHEELHOUSE,
         "reflector_control_port": CONTROL_PORT,
-        "reflector_authorized_peers": [appliance_id],
+        "reflector_authorized_peers": [appliance],
     }
     recap = run_playbook(host, extra_vars, tag="first")
-    return Provisioned(host=host, extra_vars=extra_vars, first_run=recap, appliance_id=appliance_id)
+    return Provisioned(host=host, extra_vars=extra_vars, first_run=recap, appliance_id=appliance)
 
 
 @pytest.fixture(scope="module")
@@ -94,37 +98,8 @@ def infra(provisioned: Provisioned) -> Any:
 
 @pytest.fixture(scope="module")
 def appliance_ns(provisioned: Provisioned) -> Iterator[str]:
-    """A network namespace for the appliance, joined to the host by a veth (192.0.2.0/24)."""
-    host = provisioned.host
-    host.run(
-        [
-            "/bin/sh",
-            "-ec",
-            f"ip netns add {APPLIANCE_NS}\n"
-            f"ip link add rfl-app type veth peer name eth0 netns {APPLIANCE_NS}\n"
-            f"ip addr add {ENDPOINT_ADDR}/24 dev rfl-app\n"
-            "ip link set rfl-app up\n"
-            f"ip -n {APPLIANCE_NS} link set lo up\n"
-            f"ip -n {APPLIANCE_NS} addr add {APPLIANCE_ADDR}/24 dev eth0\n"
-            f"ip -n {APPLIANCE_NS} link set eth0 up\n",
-        ]
-    )
-    try:
-        yield APPLIANCE_NS
-    finally:
-        host.run(f"ip netns del {APPLIANCE_NS}; ip link del rfl-app", check=False)
-
-
-def _show(host: SystemdHost, unit: str, *props: str) -> dict[str, str]:
-    out = host.run(["systemctl", "show", unit, "-p", ",".join(props)]).stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-
-
-def _endpoint_id(host: SystemdHost) -> str:
-    return host.run(
-        ["/usr/local/bin/reflector", "id", "--config", "/etc/reflector/reflector.toml"],
-        user="reflector",
-    ).stdout.strip()
+    with appliance_namespace(provisioned.host) as ns:
+        yield ns
 
 
 def _journal_json(host: SystemdHost, *args: str) -> list[dict[str, Any]]:
@@ -188,7 +163,7 @@ def test_the_config_is_rendered_from_the_role_variables(
 
 def test_the_unit_is_active_with_its_hardening(provisioned: Provisioned) -> None:
     host = provisioned.host
-    props = _show(
+    props = unit_properties(
         host,
         "reflector.service",
         "ActiveState",
@@ -277,47 +252,24 @@ def test_readiness_is_recorded_in_the_journal_after_the_listeners(
     ]
     assert listening and started, "no listener or no READY (start job done) in the journal"
     assert int(started[0]["__REALTIME_TIMESTAMP"]) >= int(listening[0]["__REALTIME_TIMESTAMP"])
-    status = _show(host, "reflector.service", "StatusText")["StatusText"]
-    assert _endpoint_id(host) in status, f"STATUS= does not name the Endpoint ID: {status!r}"
+    status = unit_properties(host, "reflector.service", "StatusText")["StatusText"]
+    assert endpoint_id(host) in status, f"STATUS= does not name the Endpoint ID: {status!r}"
 
 
 def test_a_restart_keeps_the_endpoint_id(provisioned: Provisioned) -> None:
     host = provisioned.host
-    before = _endpoint_id(host)
-    pid_before = _show(host, "reflector.service", "MainPID")["MainPID"]
+    before = endpoint_id(host)
+    pid_before = unit_properties(host, "reflector.service", "MainPID")["MainPID"]
     host.run(["systemctl", "restart", "reflector.service"], timeout=RESTART_TIMEOUT_S)
-    props = _show(host, "reflector.service", "ActiveState", "MainPID")
+    props = unit_properties(host, "reflector.service", "ActiveState", "MainPID")
     assert props["ActiveState"] == "active" and props["MainPID"] != pid_before
-    assert _endpoint_id(host) == before
+    assert endpoint_id(host) == before
     banner_ids = set(ENDPOINT_ID_RE.findall(host.journal("-u", "reflector.service")))
     assert banner_ids == {before}, "a start announced another Endpoint ID"
 
 
 def _appliance(host: SystemdHost, ns: str, command: str, *extra: str) -> dict[str, Any]:
-    endpoint_id = _endpoint_id(host)
-    argv = [
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        APPLIANCE_CLI,
-        "client",
-        command,
-        "-e",
-        f"{ENDPOINT_ADDR}:{CONTROL_PORT}",
-        "--expect-id",
-        endpoint_id,
-        "--state-dir",
-        APPLIANCE_STATE,
-        "--json",
-        *extra,
-    ]
-    result = host.run(argv, check=False, timeout=60)
-    assert result.returncode == 0, (
-        f"{shlex.join(argv)} exited with {result.returncode}:\n{result.stdout}\n{result.stderr}"
-    )
-    doc: dict[str, Any] = json.loads(result.stdout)
-    return doc
+    return run_appliance(host, ns, CONTROL_PORT, command, *extra)
 
 
 def test_an_authorized_appliance_measures_latency_through_the_endpoint(
@@ -339,7 +291,7 @@ def test_an_authorized_appliance_measures_throughput_through_the_endpoint(
     assert theirs["bytes_transferred"] > 0
     if (REPO_ROOT / "units" / "reflector-privd.socket").exists():
         # The role installed the helper's units, so the engine ran through the helper.
-        helper = _show(provisioned.host, "reflector-privd.service", "ActiveState")
+        helper = unit_properties(provisioned.host, "reflector-privd.service", "ActiveState")
         assert helper["ActiveState"] == "active"
 
 
@@ -354,7 +306,9 @@ def test_path_meta_works_under_the_hardening(provisioned: Provisioned, appliance
     assert doc["iface"]["name"] == "rfl-app", doc
     assert not [e for e in doc["errors"] if e.startswith("iface")], doc["errors"]
     allowed = set(
-        _show(provisioned.host, "reflector.service", "SystemCallFilter")["SystemCallFilter"].split()
+        unit_properties(provisioned.host, "reflector.service", "SystemCallFilter")[
+            "SystemCallFilter"
+        ].split()
     )
     assert "adjtimex" in allowed
     assert not allowed & {"clock_adjtime", "clock_settime", "settimeofday"}
@@ -373,17 +327,6 @@ RELEASE_VERSION = "0.9.0"
 # The container runs on this machine, so the release is for this machine's architecture.
 ARCH = MACHINE_TO_ARCH[platform.machine()]
 ARTIFACT = f"reflector-{RELEASE_VERSION}-linux-{ARCH}"
-
-
-def _minisign_keypair(directory: Path, name: str) -> tuple[Path, str]:
-    """A password-less minisign key pair: (secret key file, public key's base64 line)."""
-    secret, public = directory / f"{name}.key", directory / f"{name}.pub"
-    subprocess.run(
-        ["minisign", "-G", "-W", "-p", str(public), "-s", str(secret)],
-        check=True,
-        capture_output=True,
-    )
-    return secret, public.read_text().splitlines()[1].strip()
 
 
 def _release(directory: Path, artifact: bytes, *, signing_key: Path) -> Path:
@@ -425,8 +368,8 @@ def _nothing_installed(host: SystemdHost) -> bool:
 def test_the_binary_method_refuses_a_manifest_signed_by_another_key(
     fresh_systemd_host: SystemdHost, tmp_path: Path
 ) -> None:
-    _, trusted = _minisign_keypair(tmp_path, "release")
-    impostor, _ = _minisign_keypair(tmp_path, "impostor")
+    _, trusted = minisign_keypair(tmp_path, "release")
+    impostor, _ = minisign_keypair(tmp_path, "impostor")
     release = tmp_path / "release"
     release.mkdir()
     manifest = _release(release, b"\x7fELF not really a binary\n", signing_key=impostor)
@@ -441,7 +384,7 @@ def test_the_binary_method_refuses_a_manifest_signed_by_another_key(
 def test_the_binary_method_refuses_a_binary_the_manifest_did_not_sign(
     fresh_systemd_host: SystemdHost, tmp_path: Path
 ) -> None:
-    key, trusted = _minisign_keypair(tmp_path, "release")
+    key, trusted = minisign_keypair(tmp_path, "release")
     release = tmp_path / "release"
     release.mkdir()
     manifest = _release(release, b"\x7fELF the signed build\n", signing_key=key)
