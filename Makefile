@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test test-unit test-system lint bench fuzz dist clean
+.PHONY: deps demo test test-unit test-system lint bench fuzz dist clean vagrant-test
 
 deps:
 	@bash .ci/deps.sh
@@ -28,6 +28,10 @@ lint: deps
 
 bench: deps
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# Firewall choreography on three LXC machines (Vagrant); builds or reuses the box, always destroys.
+vagrant-test: deps
+	bash vagrant/run-tests.sh $(PYTEST_ARGS)
 
 FUZZ_SECONDS ?= 300
 fuzz: deps
