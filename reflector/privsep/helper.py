@@ -30,7 +30,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -134,9 +134,14 @@ def peer_uid(conn: socket.socket) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
-async def _run(argv: list[str], timeout: float = SYSTEMCTL_TIMEOUT_S) -> tuple[int, str]:
+async def _run(
+    argv: list[str],
+    timeout: float = SYSTEMCTL_TIMEOUT_S,
+    env: Mapping[str, str] | None = None,
+) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         *argv,
+        env=None if env is None else dict(env),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -176,7 +181,10 @@ class SystemdLauncher:
             port=port,
             systemd_run=self.systemd_run,
         )
-        code, out = await _run(argv)
+        # The engines' clean environment: nothing of the helper's may leak into the probe (in the
+        # single binary, PyInstaller's _PYI_* variables would point it at the helper's private
+        # unpack directory, which the engine user cannot read).
+        code, out = await _run(argv, env=ENGINE_ENV)
         if code != 0:
             raise ReflectorError(f"systemd-run probe failed ({code}): {' '.join(out.split())}")
         self.support = parse_probe_output(out)

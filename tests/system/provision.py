@@ -72,6 +72,9 @@ ENDPOINT_ADDR = "192.0.2.1"
 APPLIANCE_ADDR = "192.0.2.2"
 # One client run: a few seconds of measurement plus the handshake; a minute means it hangs.
 CLIENT_TIMEOUT_S = 60.0
+# Lines of the units' journal shown with a failed play: a start-up and its error fit.
+FAILED_PLAY_JOURNAL_LINES = 60
+_UNIT_FILTER = ("-u", "reflector.service", "-u", "reflector-privd.service")
 # What pip needs to build the package: nothing else from the repository goes into the wheel.
 _SOURCE_ITEMS = ("pyproject.toml", "README.md", "reflector")
 
@@ -151,7 +154,12 @@ def run_playbook(
     output = result.stdout + result.stderr
     match = _RECAP_RE.search(result.stdout)
     if match is None or (check and result.returncode != 0):
-        raise AssertionError(f"ansible-playbook exited with {result.returncode}:\n{output}")
+        # The play says only "timeout" or "failed" about a unit; its journal says why.
+        units = host.journal("-n", str(FAILED_PLAY_JOURNAL_LINES), *_UNIT_FILTER)
+        raise AssertionError(
+            f"ansible-playbook exited with {result.returncode}:\n{output}\n"
+            f"--- journal of Reflector's units, last lines:\n{units}"
+        )
     counts = {key: int(match.group(key)) for key in ("ok", "changed", "unreachable", "failed")}
     return PlayRecap(output=output, **counts)
 
