@@ -15,8 +15,6 @@ calls* (see `NetSampler` and `_cpu_facts`), so the first call reports them as nu
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import ipaddress
 import os
 import threading
@@ -29,6 +27,11 @@ from typing import Any, TypeVar
 import psutil
 
 from reflector import __version__
+from reflector.clocksync import (
+    TIMESYNCD_FLAG,
+    clock_synchronized,
+    read_kernel_clock,
+)
 
 _T = TypeVar("_T")
 
@@ -41,14 +44,6 @@ SPEED_FILE_MAX_BYTES = 32
 
 # Where the kernel publishes link facts; a parameter of the reader so tests can point elsewhere.
 SYS_CLASS_NET = Path("/sys/class/net")
-
-# systemd-timesyncd creates this file once it has synchronised the clock (systemd ≥ 239).
-TIMESYNCD_FLAG = Path("/run/systemd/timesync/synchronized")
-
-# From <sys/timex.h>: the kernel sets STA_UNSYNC while no time daemon vouches for the clock,
-# and adjtimex() returns TIME_ERROR when the clock is unsynchronised.
-STA_UNSYNC = 0x0040
-TIME_ERROR = 5
 
 
 # --- network byte rates: a sampler that remembers the previous sample --------------------------
@@ -227,73 +222,6 @@ def read_link_speed(iface: str, sys_class_net: Path = SYS_CLASS_NET) -> int:
 
 
 # --- clock synchronisation ---------------------------------------------------------------------
-
-
-class _Timeval(ctypes.Structure):
-    _fields_ = (("tv_sec", ctypes.c_long), ("tv_usec", ctypes.c_long))
-
-
-class _Timex(ctypes.Structure):
-    """glibc's `struct timex` (<sys/timex.h>), 208 bytes on 64-bit Linux."""
-
-    _fields_ = (
-        ("modes", ctypes.c_uint),
-        ("offset", ctypes.c_long),
-        ("freq", ctypes.c_long),
-        ("maxerror", ctypes.c_long),
-        ("esterror", ctypes.c_long),
-        ("status", ctypes.c_int),
-        ("constant", ctypes.c_long),
-        ("precision", ctypes.c_long),
-        ("tolerance", ctypes.c_long),
-        ("time", _Timeval),
-        ("tick", ctypes.c_long),
-        ("ppsfreq", ctypes.c_long),
-        ("jitter", ctypes.c_long),
-        ("shift", ctypes.c_int),
-        ("stabil", ctypes.c_long),
-        ("jitcnt", ctypes.c_long),
-        ("calcnt", ctypes.c_long),
-        ("errcnt", ctypes.c_long),
-        ("stbcnt", ctypes.c_long),
-        ("tai", ctypes.c_int),
-        ("_reserved", ctypes.c_int * 11),  # the kernel's padding; it may write there
-    )
-
-
-@dataclass(frozen=True, kw_only=True)
-class KernelClock:
-    """What adjtimex(2) says about the system clock (read-only query, no privilege needed)."""
-
-    state: int
-    status: int
-    maxerror_us: int
-    esterror_us: int
-
-
-def read_kernel_clock() -> KernelClock:
-    """Query adjtimex(2) with modes=0 through libc; raises OSError if the call fails."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    timex = _Timex()  # zeroed: modes = 0 means "read only"
-    state = int(libc.adjtimex(ctypes.byref(timex)))
-    if state < 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"adjtimex failed: {os.strerror(errno)}")
-    return KernelClock(
-        state=state,
-        status=int(timex.status),
-        maxerror_us=int(timex.maxerror),
-        esterror_us=int(timex.esterror),
-    )
-
-
-def clock_synchronized(clock: KernelClock) -> bool:
-    """The kernel's own verdict: synchronised unless STA_UNSYNC is set or the state is TIME_ERROR.
-
-    chrony, ntpd and systemd-timesyncd all clear STA_UNSYNC once they have disciplined the clock,
-    so this works whichever daemon (if any) runs, with or without systemd.
-    """
-    return not (clock.status & STA_UNSYNC) and clock.state != TIME_ERROR
 
 
 def time_sync_facts(errors: list[str], flag_file: Path = TIMESYNCD_FLAG) -> dict[str, object]:

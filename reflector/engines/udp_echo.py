@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import ipaddress
 import json
@@ -39,10 +38,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Final, TextIO
 
+from reflector.clocksync import TIMESYNCD_FLAG, read_kernel_clock
 from reflector.engines.stamp import (
     AUTH_PACKET_LEN,
     KEY_LEN,
@@ -377,44 +376,20 @@ class EchoCore:
 # Host clock state (computed once per session)
 # --------------------------------------------------------------------------------------------
 
-# adjtimex(2) return value meaning "clock not synchronized", and the matching status bit.
-_TIME_ERROR: Final = 5
-_STA_UNSYNC: Final = 0x0040
-# systemd-timesyncd creates this file once it has synchronized the clock (timesyncd(8)).
-TIMESYNC_FLAG: Final = Path("/run/systemd/timesync/synchronized")
+TIMESYNC_FLAG: Final = TIMESYNCD_FLAG
 # With only timesyncd's flag, the error is unknown; 10 ms is a typical NTP-over-Internet bound.
 SYNCED_UNKNOWN_ERROR_S: Final = 0.010
 # The kernel's own maximum error for an unsynchronized clock (NTP_PHASE_LIMIT, 16 s).
 UNSYNCED_ERROR_S: Final = 16.0
 
 
-class _Timex(ctypes.Structure):
-    # The leading fields of struct timex (linux/timex.h); the tail is opaque but must be there,
-    # because the kernel writes the whole structure (208 bytes on 64-bit Linux).
-    _fields_ = (
-        ("modes", ctypes.c_uint),
-        ("offset", ctypes.c_long),
-        ("freq", ctypes.c_long),
-        ("maxerror", ctypes.c_long),
-        ("esterror", ctypes.c_long),
-        ("status", ctypes.c_int),
-        ("_rest", ctypes.c_byte * 256),
-    )
-
-
 def _adjtimex_state() -> tuple[bool, float] | None:
     """(synchronized, error bound in s) from a read-only adjtimex(2), None if not permitted."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        timex = _Timex()  # modes = 0: read only, needs no privilege
-        state = int(libc.adjtimex(ctypes.byref(timex)))
-    except (OSError, AttributeError):
+        clock = read_kernel_clock()
+    except (OSError, AttributeError):  # e.g. EPERM from ProtectClock='s seccomp filter
         return None
-    if state < 0:  # e.g. EPERM from a seccomp filter such as ProtectClock=
-        return None
-    synchronized = state != _TIME_ERROR and not timex.status & _STA_UNSYNC
-    micros = timex.esterror if synchronized and timex.esterror > 0 else timex.maxerror
-    return synchronized, max(0, micros) / 1e6
+    return clock.synchronized, clock.error_s
 
 
 def read_clock_error_estimate() -> int:

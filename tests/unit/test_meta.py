@@ -19,18 +19,20 @@ import pytest
 
 import reflector
 from reflector import meta
-from reflector.meta import (
+from reflector.clocksync import (
     STA_UNSYNC,
     TIME_ERROR,
     KernelClock,
+    clock_synchronized,
+    read_kernel_clock,
+)
+from reflector.meta import (
     NetSample,
     NetSampler,
-    clock_synchronized,
     health,
     net_rates,
     normalise_peer,
     path_meta,
-    read_kernel_clock,
     read_link_speed,
     time_sync_facts,
 )
