@@ -27,6 +27,13 @@ half-closed sockets, so nothing is lost.
 
 Closing: when either side closes, the other is closed gracefully; if a peer does not drain its
 buffer within `CLOSE_GRACE` the relay aborts it. `stop()` (session expiry) aborts both at once.
+
+Before `start()`: a side's transport is paused in `connection_made`, but Python before 3.11.4
+(Debian 12 ships 3.11.2) ignores a `pause_reading()` made there on a plain TCP transport
+(CPython gh-103607) and reads anyway. So bytes that arrive before `start()` (iperf3's cookie,
+sent the moment it connects, while the tunnel is still being opened) are held, at most
+`MAX_HELD_BYTES`, and written out by `start()` ahead of anything read later; dropping them
+would leave iperf3's server waiting for a cookie that never comes.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from typing import Final
 
 __all__ = [
     "CLOSE_GRACE",
+    "MAX_HELD_BYTES",
     "WRITE_HIGH_WATER",
     "WRITE_LOW_WATER",
     "Relay",
@@ -55,6 +63,10 @@ WRITE_HIGH_WATER: Final = 256 * 1024
 # Resume at a quarter: the buffer still holds enough to keep the socket busy while the other
 # side's next read arrives, without a pause/resume cycle per chunk.
 WRITE_LOW_WATER: Final = 64 * 1024
+# Bytes a side may hold before `start()` (see the module docstring). iperf3 sends 37 bytes and
+# waits; a local process that sends more than a write buffer's worth before the tunnel is open is
+# not iperf3, and its relay is stopped rather than allowed to grow.
+MAX_HELD_BYTES: Final = WRITE_HIGH_WATER
 # A graceful close waits for buffered bytes to drain; a peer that stopped reading must not
 # hold the connection open forever. 10 s drains a full buffer over any working link.
 CLOSE_GRACE: Final = 10.0
@@ -115,6 +127,7 @@ class RelaySide(asyncio.Protocol):
         self.lost = False
         self.eof = False
         self.write_paused = False
+        self.held = bytearray()  # read before start(), for start() to write out
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -127,11 +140,25 @@ class RelaySide(asyncio.Protocol):
         _set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
+        if not self._relay.started and not self._relay.closing:
+            self.held += data
+            if len(self.held) > MAX_HELD_BYTES:
+                self._relay.stop()
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
         out = self.peer.transport
         if out is None or out.is_closing():
             return  # the relay is closing: nothing more can be delivered
         out.write(data)
         self._relay.count(self._upstream, len(data))
+
+    def flush_held(self) -> None:
+        """Write out what arrived before `start()` (called by it, before any later read)."""
+        held, self.held = bytes(self.held), bytearray()
+        if held:
+            self._deliver(held)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -228,6 +255,8 @@ class Relay:
         if self.client_side.transport is None or self.server_side.transport is None:
             raise RuntimeError("Relay.start() needs both transports attached")
         self.started = True
+        for side in (self.client_side, self.server_side):
+            side.flush_held()
         for side in (self.client_side, self.server_side):
             if not side.peer.write_paused:
                 side.set_reading(True)

@@ -44,7 +44,7 @@ from reflector.tunnel import (
     TunnelServerProtocol,
     connections_for_streams,
 )
-from reflector.tunnel.relay import WRITE_HIGH_WATER, Relay
+from reflector.tunnel.relay import MAX_HELD_BYTES, WRITE_HIGH_WATER, Relay
 from reflector.tunnel.wire import (
     MAX_OPEN_FRAME_SIZE,
     TunnelOpen,
@@ -635,6 +635,89 @@ def test_between_two_tcp_transports_a_half_close_is_passed_on(endpoint: Peer) ->
             assert closed == [
                 RelayClosed(upstream_bytes=10, downstream_bytes=15, stopped=False, error=None)
             ]
+            proxy.close()
+
+    run(scenario)
+
+
+class ReadsAtOnce(asyncio.Protocol):
+    """A relay side on a transport that reads although `connection_made` paused it: what
+    Python before 3.11.4 (Debian 12's 3.11.2) does (CPython gh-103607)."""
+
+    def __init__(self, side: asyncio.Protocol) -> None:
+        self.side = side
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.side.connection_made(transport)
+        transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.side.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.side.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.side.connection_lost(exc)
+
+
+async def relay_proxy(
+    w: World, relays: list[Relay], closed: list[RelayClosed]
+) -> tuple[asyncio.Server, tuple[str, int]]:
+    """A local port whose connections are relayed to the target, started only on demand."""
+
+    def accept() -> asyncio.Protocol:
+        relay = Relay(TunnelCounters(), on_close=closed.append)
+        relays.append(relay)
+        return ReadsAtOnce(relay.client_side)
+
+    proxy = await asyncio.get_running_loop().create_server(accept, "127.0.0.1", 0)
+    return proxy, proxy.sockets[0].getsockname()[:2]
+
+
+def test_bytes_read_before_the_relay_starts_go_out_first_when_it_starts(endpoint: Peer) -> None:
+    """iperf3 sends its cookie the moment it connects, while the tunnel is still opening; on a
+    Python that reads a paused transport anyway, the cookie must not be lost."""
+
+    async def scenario() -> None:
+        async with world(endpoint) as w:
+            relays: list[Relay] = []
+            proxy, address = await relay_proxy(w, relays, [])
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(b"cookie")
+            await eventually(lambda: relays != [] and relays[0].client_side.held != b"", "read")
+            (relay,) = relays
+            assert relay.upstream_bytes == 0  # nowhere to put it yet: held, not dropped
+
+            await asyncio.get_running_loop().create_connection(lambda: relay.server_side, *w.target)
+            relay.start()
+            writer.write(b" and the rest")
+            async with asyncio.timeout(IO_TIMEOUT):
+                echoed = await reader.readexactly(len(b"cookie and the rest"))
+            assert echoed == b"cookie and the rest"
+            assert relay.upstream_bytes == len(echoed)
+            writer.close()
+            proxy.close()
+
+    run(scenario)
+
+
+def test_a_peer_that_sends_too_much_before_the_relay_starts_is_cut_off(endpoint: Peer) -> None:
+    async def scenario() -> None:
+        async with world(endpoint) as w:
+            relays: list[Relay] = []
+            closed: list[RelayClosed] = []
+            proxy, address = await relay_proxy(w, relays, closed)
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(b"x" * (MAX_HELD_BYTES + READ_CHUNK))
+            await eventually(lambda: closed != [], "the relay stops instead of holding more")
+            assert closed == [
+                RelayClosed(upstream_bytes=0, downstream_bytes=0, stopped=True, error=None)
+            ]
+            assert await read_closed(reader) == b""
+            assert w.target_stats.accepted == 0
+            writer.close()
             proxy.close()
 
     run(scenario)
