@@ -32,6 +32,12 @@ _log = logging.getLogger(__name__)
 # Kernel accept queue (capped by net.core.somaxconn): large enough that a burst of connects is
 # accepted and judged by the gate at once instead of waiting for SYN retransmits.
 LISTEN_BACKLOG = 1024
+# asyncio's TLS protocol allocates its read buffer (256 KiB by default) for every connection at
+# accept time: 1,000 strangers in their handshake would cost 256 MB. Until a peer has proved a
+# key, one TLS record (16 KiB + overhead) at a time is plenty; tunnels get the large buffer
+# back once authenticated, because bulk relaying reads in big chunks.
+PRE_AUTH_READ_BUFFER = 20 * 1024
+TUNNEL_READ_BUFFER = 256 * 1024
 
 
 class ConnectionHandler(Protocol):
@@ -51,13 +57,15 @@ class _GatedTLS(AlertingSSLProtocol):
     aborted at once. The gate slot is released when the connection is lost, however it ends.
     """
 
+    max_size = PRE_AUTH_READ_BUFFER
+
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
         self._source: str | None = None
         self._raw: asyncio.Transport | None = None
         super().__init__(
             asyncio.get_running_loop(),
-            _Dispatch(listener),
+            _Dispatch(listener, self),
             listener.ssl_context,
             None,  # type: ignore[arg-type]  # no waiter: nobody awaits a server connection
             server_side=True,
@@ -114,13 +122,18 @@ class _GatedTLS(AlertingSSLProtocol):
 class _Dispatch(asyncio.Protocol):
     """The application side of a fresh TLS connection: identify the peer, route by ALPN."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: Listener, tls: _GatedTLS) -> None:
         self._listener = listener
+        self._tls = tls
         self._inner: asyncio.Protocol | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._inner = self._listener.route(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if self._inner is not None and ssl_object.selected_alpn_protocol() == ALPN_TUNNEL:
+            # Per instance on purpose (typeshed calls it a class variable); grows at the next read.
+            self._tls.max_size = TUNNEL_READ_BUFFER  # type: ignore[misc]
         if self._inner is not None:
             self._inner.connection_made(transport)
 
