@@ -74,7 +74,13 @@ def write_seeds(corpus: Path, seeds: list[bytes]) -> None:
 
 
 def libfuzzer_args(
-    *, corpus: Path, crashes: Path, max_len: int, seconds: int | None, runs: int | None
+    *,
+    corpus: Path,
+    crashes: Path,
+    max_len: int,
+    seconds: int | None,
+    runs: int | None,
+    seed: int | None = None,
 ) -> list[str]:
     args = [
         str(corpus),
@@ -87,6 +93,8 @@ def libfuzzer_args(
         args.append(f"-max_total_time={seconds}")
     if runs is not None:
         args.append(f"-atheris_runs={runs}")
+    if seed is not None:
+        args.append(f"-seed={seed}")
     return args
 
 
@@ -103,7 +111,8 @@ def fuzz_in_this_process(args: argparse.Namespace) -> None:
     write_seeds(corpus, target.seeds())
     crashes.mkdir(parents=True, exist_ok=True)
     argv = [sys.argv[0], *libfuzzer_args(
-        corpus=corpus, crashes=crashes, max_len=target.max_len, seconds=args.seconds, runs=args.runs
+        corpus=corpus, crashes=crashes, max_len=target.max_len, seconds=args.seconds,
+        runs=args.runs, seed=args.seed,
     )]  # fmt: skip
     print(f"fuzz: {target.name}: corpus {corpus}, crashes to {crashes}", flush=True)
     atheris.Setup(argv, target)
@@ -141,7 +150,13 @@ def _executions(output: str) -> int | None:
 
 
 def run_child(
-    target: str, *, artifacts: Path, seconds: int | None, runs: int | None, strict: bool
+    target: str,
+    *,
+    artifacts: Path,
+    seconds: int | None,
+    runs: int | None,
+    strict: bool,
+    seed: int | None = None,
 ) -> Outcome:
     """Fuzz one target in a child process and describe how it ended."""
     _, crashes = target_dirs(artifacts, target)
@@ -154,6 +169,12 @@ def run_child(
         command += ["--runs", str(runs)]
     if strict:
         command.append("--strict")
+    env = dict(os.environ)
+    if seed is not None:
+        # The same inputs in the same order on every run: a fixed libFuzzer seed, and a fixed
+        # hash seed so that set and dict orders (hence coverage feedback) do not vary either.
+        command += ["--seed", str(seed)]
+        env["PYTHONHASHSEED"] = "0"
     budget = (seconds or 0) + CHILD_GRACE_S if runs is None else None
     started = time.monotonic()
     proc = subprocess.run(
@@ -164,6 +185,7 @@ def run_child(
         errors="replace",
         timeout=budget,
         check=False,
+        env=env,
     )
     output = proc.stdout
     after = set(crashes.glob("*")) if crashes.exists() else set()
@@ -185,13 +207,14 @@ def run_targets(
     runs: int | None,
     strict: bool = False,
     jobs: int = 1,
+    seed: int | None = None,
 ) -> list[Outcome]:
     """Fuzz each named target in a child process, `jobs` at a time."""
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         return list(
             pool.map(
                 lambda name: run_child(
-                    name, artifacts=artifacts, seconds=seconds, runs=runs, strict=strict
+                    name, artifacts=artifacts, seconds=seconds, runs=runs, strict=strict, seed=seed
                 ),
                 names,
             )
@@ -223,6 +246,7 @@ def run_all(args: argparse.Namespace) -> int:
         runs=args.runs,
         strict=args.strict,
         jobs=args.jobs,
+        seed=args.seed,
     )
     print(format_report(outcomes))
     return 1 if any(o.crashed for o in outcomes) else 0
@@ -235,6 +259,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     which.add_argument("--all", action="store_true", help="every target, one child each")
     parser.add_argument("--seconds", type=int, help="time budget per target")
     parser.add_argument("--runs", type=int, help="number of inputs per target")
+    parser.add_argument("--seed", type=int, help="libFuzzer's random seed (default: random)")
     parser.add_argument("--jobs", type=int, default=1, help="targets fuzzed at once (--all)")
     parser.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS)
     parser.add_argument("--strict", action="store_true", help="known bugs crash too")

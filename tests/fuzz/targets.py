@@ -714,14 +714,46 @@ def _claimed_token(payload: bytes) -> str | None:
     return None if any(token in other for other in others) else token
 
 
+# Printable, so a token made of it passes the token alphabet, and in no message template.
+_TOKEN_MARKER_CHAR: Final = "~"
+
+
+def _refusal(payload: bytes) -> RemoteProtocolError | None:
+    try:
+        parse_tunnel_open(payload)
+    except RemoteProtocolError as exc:
+        return exc
+    return None
+
+
+def _check_token_not_quoted(payload: bytes, exc: RemoteProtocolError) -> None:
+    """A refusal never quotes the claimed token; a template word that equals it is no leak.
+
+    The token may spell a word the refusal's own text uses ("tunnel_open" in "must be
+    tunnel_open"). So when it shows up, the same bytes are refused again with the token swapped
+    for a marker of equal length: a message that quotes the token would now quote the marker,
+    while a template word stays where it was.
+    """
+    token = _claimed_token(payload)
+    if token is None or token not in exc.message:
+        return
+    quoted = json.dumps(token).encode()
+    if payload.count(quoted) != 1:
+        return  # escaped or repeated in the raw bytes: the swap cannot be made faithfully
+    marker = _TOKEN_MARKER_CHAR * len(token)
+    again = _refusal(payload.replace(quoted, json.dumps(marker).encode()))
+    assert again is not None and again.code == exc.code, "a refusal quoted the token"
+    assert marker not in again.message, "a refusal quoted the token"
+    assert again.message.count(token) == exc.message.count(token), "a refusal quoted the token"
+
+
 def _check_tunnel_open(payload: bytes) -> None:
     try:
         opened = parse_tunnel_open(payload)
     except RemoteProtocolError as exc:
         assert exc.code in _CONTENT_ERRORS | {ErrorCode.BAD_JSON}
         assert _one_line(exc.message)
-        token = _claimed_token(payload)
-        assert token is None or token not in exc.message, "a refusal quoted the token"
+        _check_token_not_quoted(payload, exc)
         return
     assert _PRINTABLE.fullmatch(opened.token)
     frame = encode_tunnel_open(opened)

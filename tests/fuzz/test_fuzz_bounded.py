@@ -24,7 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from reflector.link.frames import ErrorCode, RemoteProtocolError, encode_frame
+
 from . import run_atheris
+from . import targets as targets_module
 from .targets import FIXED_BUGS, SELFTEST_TARGETS, TARGETS, KnownBug, Target, set_strict
 
 # Per target and strategy: enough to pass every branch the seeds open, while the whole
@@ -40,6 +43,9 @@ FUZZ: Final = settings(
 # (they run at 1k-900k per second), short enough that all of them, two at a time, take about
 # two minutes. REFLECTOR_FUZZ_SECONDS raises it for a deeper look without `make fuzz`.
 ATHERIS_SECONDS: Final = int(os.environ.get("REFLECTOR_FUZZ_SECONDS", "15"))
+# CI fuzzes with one fixed seed: the same inputs in the same order every run, so a red CI comes
+# from a change, not from a dice roll, and replays. `make fuzz` (random seeds, longer) explores.
+ATHERIS_SEED: Final = int(os.environ.get("REFLECTOR_FUZZ_SEED", "20261201"))
 # Two children at a time: the CI machine has two cores and nothing else runs meanwhile.
 ATHERIS_JOBS: Final = 2
 # A run that executed fewer inputs than this did not really fuzz (e.g. it failed to start).
@@ -344,6 +350,45 @@ def test_a_known_bug_of_one_target_is_not_tolerated_in_another() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# The harness's own checks: no false alarm, no missed leak
+# --------------------------------------------------------------------------------------------
+
+# What CI's atheris run sent on 2026-11-30: the token spells "tunnel_open", a word of the
+# refusal's own text, and the old check took that for a leak.
+TOKEN_SPELLS_A_TEMPLATE_WORD: Final = (
+    b'\x00\x00\x00S{"type":"tunnel______________________________","token":"tunnel_open",'
+    b'"skEn":"?HVl"}'
+)
+
+
+def test_a_token_that_spells_a_word_of_the_refusal_is_no_leak() -> None:
+    set_strict(True)
+    try:
+        TARGETS["tunnel"](TOKEN_SPELLS_A_TEMPLATE_WORD)
+    finally:
+        set_strict(False)
+
+
+@pytest.mark.parametrize("token", ["dG9rZW4tc2VjcmV0", "is not valid"])
+def test_a_refusal_that_quotes_the_token_fails_the_tunnel_target(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    """Also when the token spells a template word: then the swapped-in marker gives it away."""
+
+    def leaky_parse(payload: bytes) -> object:
+        try:
+            claimed = json.loads(payload)["token"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteProtocolError(ErrorCode.BAD_JSON, "not a tunnel_open") from exc
+        raise RemoteProtocolError(ErrorCode.BAD_FIELD, f"token: {claimed!r} is not valid")
+
+    monkeypatch.setattr(targets_module, "parse_tunnel_open", leaky_parse)
+    leak = {"type": "tunnel_open", "session_id": "s_1", "token": token}
+    with pytest.raises(AssertionError, match="quoted the token"):
+        TARGETS["tunnel"](encode_frame(leak))
+
+
+# --------------------------------------------------------------------------------------------
 # Coverage-guided: atheris, bounded
 # --------------------------------------------------------------------------------------------
 
@@ -363,6 +408,7 @@ def test_every_target_survives_a_bounded_atheris_run() -> None:
         seconds=ATHERIS_SECONDS,
         runs=None,
         jobs=ATHERIS_JOBS,
+        seed=ATHERIS_SEED,
     )
     report = run_atheris.format_report(outcomes)
     print(report)
