@@ -66,6 +66,7 @@ class EventKind(StrEnum):
     IDENTITY_ROTATED = "identity_rotated"
     SESSION_GRANT = "session_grant"
     SESSION_DENY = "session_deny"
+    REQUEST_DENY = "request_deny"
     SESSION_CLOSE = "session_close"
     ENGINE_START = "engine_start"
     ENGINE_EXIT = "engine_exit"
@@ -96,6 +97,7 @@ MESSAGE_IDS: Final[Mapping[EventKind, uuid.UUID]] = {
     EventKind.IDENTITY_ROTATED: uuid.UUID("75b69b821565491899dcbd0164a627c8"),
     EventKind.SESSION_GRANT: uuid.UUID("8ac3ef09fdc34202b19d78e19f5f29eb"),
     EventKind.SESSION_DENY: uuid.UUID("0316c5fc4de64533bba53ab831af49ac"),
+    EventKind.REQUEST_DENY: uuid.UUID("53d956f98f204aa69db0924bc52dde6b"),
     EventKind.SESSION_CLOSE: uuid.UUID("6247d05c46254efa8dff7d0927c9d630"),
     EventKind.ENGINE_START: uuid.UUID("0ca352d1d29442079f9e257852ba0ac2"),
     EventKind.ENGINE_EXIT: uuid.UUID("15f4ce6e98b640c79247824efded0fe5"),
@@ -118,6 +120,7 @@ _IMPLIED_DECISION: Final[Mapping[EventKind, Decision]] = {
     EventKind.PAIRING_DENY: Decision.DENY,
     EventKind.SESSION_GRANT: Decision.GRANT,
     EventKind.SESSION_DENY: Decision.DENY,
+    EventKind.REQUEST_DENY: Decision.DENY,
 }
 
 # Notice rather than info: changes of who is trusted, and refusals, are what an operator scans for.
@@ -132,6 +135,7 @@ _NOTICE_KINDS: Final = frozenset(
         EventKind.IDENTITY_CREATED,
         EventKind.IDENTITY_ROTATED,
         EventKind.SESSION_DENY,
+        EventKind.REQUEST_DENY,
     }
 )
 

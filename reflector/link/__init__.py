@@ -7,6 +7,7 @@ machines) and `trace` (decoding captures for humans). Sockets, TLS and the clock
 
 from reflector.link.connection import (
     MAX_IN_FLIGHT,
+    MAX_VIOLATIONS,
     ClientConnection,
     ProtocolViolation,
     Reply,
@@ -57,6 +58,7 @@ from reflector.link.trace import TraceEntry, decode_trace, format_trace
 __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_IN_FLIGHT",
+    "MAX_VIOLATIONS",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "ClientConnection",

@@ -126,7 +126,24 @@ class Service:
 
     def connection_denied(self, source: str, reason: str, peer_id: str | None) -> None:
         """Audit a refused connection, folding floods from one source into one record."""
-        key = f"{source_key(source) if source != '?' else source}/{reason}"
+        self._emit_folded("connection_deny", source, reason, peer_id=peer_id)
+
+    def _emit_folded(
+        self,
+        kind: str,
+        source: str,
+        reason: str,
+        *,
+        peer_id: str | None,
+        message: str | None = None,
+        params: dict[str, object] | None = None,
+    ) -> None:
+        """Audit a deny, at most once per source, kind and reason per DENY_AUDIT_INTERVAL_SEC.
+
+        The record that ends a quiet interval says how many denies were folded into it, so a
+        flood costs one record (and one fsync) per interval, yet none goes uncounted.
+        """
+        key = f"{kind}/{source_key(source) if source != '?' else source}/{reason}"
         now = self.deps.mono_clock()
         budget = self._deny_budget.get(key)
         if budget is not None and now - budget.last < DENY_AUDIT_INTERVAL_SEC:
@@ -136,12 +153,14 @@ class Service:
         if len(self._deny_budget) > 10000:
             self._deny_budget.clear()  # bounded memory under a distributed flood
         self._deny_budget[key] = _DenyBudget(last=now)
+        params = {**(params or {}), **({"folded_since_last": folded} if folded else {})}
         self.audit.emit(
-            "connection_deny",
+            kind,
             peer_id=peer_id,
             source_addr=source,
             reason=reason,
-            params={"folded_since_last": folded} if folded else None,
+            message=message,
+            params=params or None,
         )
 
     # --- LinkService (link protocol)
@@ -158,7 +177,16 @@ class Service:
             self._watch = None
 
     def protocol_violation(self, link: LinkProtocol, violation: ProtocolViolation) -> None:
+        """A request refused by the protocol core (malformed, out of order, over a limit)."""
         _log.info("protocol violation from %s: %s", link.peer_id, violation.code)
+        self._emit_folded(
+            "request_deny",
+            link.source[0],
+            violation.code,
+            peer_id=link.peer_id,
+            message=violation.message,
+            params={"request_id": violation.request_id, "closed": violation.close},
+        )
 
     async def handle(self, link: LinkProtocol, request: Request) -> Response:
         state = self.links.setdefault(link, _LinkState())

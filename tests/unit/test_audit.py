@@ -89,12 +89,12 @@ def test_every_kind_has_its_own_fixed_128_bit_message_id() -> None:
     assert MESSAGE_IDS[EventKind.CONNECTION_DENY].hex == "ccc45d42fe7d4879b04ff00be17eceed"
 
 
-def test_all_nineteen_kinds_of_the_brief_exist() -> None:
+def test_the_nineteen_kinds_of_the_brief_and_request_deny_exist() -> None:
     names = (
         "connection_accept connection_deny pairing_open pairing_enroll pairing_deny peer_added"
         " peer_removed identity_created identity_rotated session_grant session_deny"
         " session_close engine_start engine_exit accounting service_start service_stop"
-        " hole_open hole_close"
+        " hole_open hole_close request_deny"
     )
     assert {k.value for k in EventKind} == set(names.split())
 

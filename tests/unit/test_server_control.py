@@ -25,7 +25,7 @@ from reflector.access import pairing
 from reflector.client.link_client import ApplianceIdentity, LinkClient, RemoteError
 from reflector.config import Config, parse_config_text
 from reflector.errors import ReflectorError
-from reflector.link import FrameDecoder, decode_json, encode_frame
+from reflector.link import MAX_VIOLATIONS, FrameDecoder, decode_json, encode_frame
 from reflector.link.frames import NEED_DATA
 from reflector.link.messages import GetPathMeta, Health, HealthStatus, Pair, PairOk, PathMeta
 from reflector.server.run import Running, start
@@ -348,6 +348,9 @@ def test_malformed_frames_get_typed_errors_and_others_keep_being_served(
             writer.write(payload)
             error = await read_frame(reader)
             assert (error["type"], error["code"]) == ("error", code)
+            (audited,) = denies(ep, code)  # every refusal is on the audit trail
+            assert audited["reflector_event"] == "request_deny"
+            assert audited["peer_id"] == bad.identity.endpoint_id
             if closes:
                 assert await asyncio.wait_for(reader.read(), 5) == b""
             else:  # the same connection still works
@@ -503,6 +506,28 @@ def test_a_flooding_source_is_capped_and_audited_once(tmp_path: Path) -> None:
             assert len(capped) == 1  # a flood is folded into one audit record
             for sock in socks:
                 sock.close()
+
+    run(body())
+
+
+def test_a_peer_flooding_bad_requests_is_audited_folded_and_cut_off(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path) as ep:
+            bad = appliance(tmp_path, "bad")
+            authorize(ep, bad)
+            reader, writer = await raw_tls(ep, bad)
+            writer.write(HELLO)
+            assert (await read_frame(reader))["type"] == "server_hello"
+            garbage = encode_frame({"type": "launch_missiles", "request_id": 3})
+            writer.write(garbage * (MAX_VIOLATIONS + 10))
+            decoder = FrameDecoder(65536)  # until the endpoint closes: EOF ends read()
+            decoder.receive_data(await asyncio.wait_for(reader.read(), 5))
+            replies = [decode_json(f) for f in iter(decoder.next_frame, NEED_DATA)]
+            assert len(replies) == MAX_VIOLATIONS  # cut off: the rest went unanswered
+            assert all(isinstance(r, dict) and r["code"] == "unknown_type" for r in replies)
+            writer.close()
+            (audited,) = denies(ep, "unknown_type")  # one record for the burst
+            assert audited["reflector_event"] == "request_deny"
 
     run(body())
 
