@@ -12,6 +12,8 @@ than a scope's, and the log and `reflector status` say so:
   much CPU time, then SIGKILL a second later.
 - A timer at duration + runtime_grace_sec sends SIGTERM to the engine's process group, then
   SIGKILL after a short grace: the RuntimeMaxSec= of this mode.
+- PR_SET_PDEATHSIG: the kernel SIGKILLs the engine when Reflector dies (kill -9, a crash),
+  since the timer above dies with it. A scope needs no such thing: systemd outlives us.
 - No separate uid, no IP allowlist, no kernel byte counters; holes only if we are root and
   `reflector.firewall` exists.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import resource
 import signal
@@ -64,7 +67,15 @@ __all__ = [
 TERM_GRACE_S: Final = 1.0
 # RLIMIT_CPU's hard limit is this far above the soft one: SIGXCPU first, then SIGKILL.
 CPU_HARD_MARGIN_S: Final = 1
-LOCAL_PROTECTIONS: Final = ("rlimit_as", "rlimit_nproc", "rlimit_cpu", "kill_timer")
+LOCAL_PROTECTIONS: Final = (
+    "rlimit_as",
+    "rlimit_nproc",
+    "rlimit_cpu",
+    "kill_timer",
+    "parent_death_kill",
+)
+# prctl(2) option: the signal the child gets when the thread that forked it dies.
+PR_SET_PDEATHSIG: Final = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,8 +118,20 @@ def _set_rlimit(kind: int, soft: int, hard: int) -> None:
     resource.setrlimit(kind, (soft, hard))
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """In the child: be SIGKILLed when the parent dies; exit now if it already has."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(126)  # no protection, no engine (fail closed)
+    if os.getppid() != parent_pid:  # died between fork and prctl: nobody would stop us
+        os._exit(126)
+
+
 def _apply_rlimits(limits: Rlimits) -> Callable[[], None]:
+    parent_pid = os.getpid()
+
     def apply() -> None:  # runs in the child between fork and exec
+        _die_with_parent(parent_pid)
         size = limits.address_space_bytes
         _set_rlimit(resource.RLIMIT_AS, size, size)
         _set_rlimit(resource.RLIMIT_NPROC, limits.nproc, limits.nproc)

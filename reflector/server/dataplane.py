@@ -88,6 +88,11 @@ STATE_UNAVAILABLE = DenyReason.STATE_UNAVAILABLE.value
 STATE_RETRY_AFTER_SEC = 60
 # get_result while the engine still runs: ask again this soon.
 RESULT_PENDING_RETRY_SEC = 1
+# While sessions run, the bytes the relay and the echo have counted so far are written to the
+# ledger this often, so a crash or kill -9 of the parent loses at most this much of a peer's
+# usage (a direct-mode iperf3's bytes are known only when it ends: see README, Accounting).
+# One small sqlite UPDATE per session each time, and no timer at all when nothing runs.
+ACCOUNTING_CHECKPOINT_SEC = 5.0
 
 
 @dataclass
@@ -103,6 +108,26 @@ class _Run:
     echo_secret: bytes | None = None  # throughput sessions: the latency-under-load probe key
     holes: bool = False  # direct mode: the engine host opened holes for this session
     started_mono: float = field(default_factory=time.monotonic)
+    # What the ledger already holds for this session (written by checkpoints).
+    charged_rx: int = 0
+    charged_tx: int = 0
+
+    def live_bytes(self) -> tuple[int, int]:
+        """(rx, tx) the data plane has counted so far, from the counters it owns."""
+        rx = tx = 0
+        if self.iperf is not None and self.session.mode == "tunneled":
+            rx, tx = self.counters.upstream_bytes, self.counters.downstream_bytes
+        if self.echo is not None and self.session.session_id in self.echo.session_ids():
+            stats = self.echo.stats(self.session.session_id)
+            rx, tx = rx + stats.rx_bytes, tx + stats.tx_bytes
+        return rx, tx
+
+    def charge(self, store: UsageStore, rx: int, tx: int) -> None:
+        """Bring the ledger up to the totals (rx, tx); counters only grow, so never down."""
+        delta_rx, delta_tx = max(0, rx - self.charged_rx), max(0, tx - self.charged_tx)
+        if delta_rx or delta_tx:
+            store.record_bytes(self.session.session_id, delta_rx, delta_tx)
+        self.charged_rx, self.charged_tx = self.charged_rx + delta_rx, self.charged_tx + delta_tx
 
 
 class EndpointService(Service):
@@ -139,6 +164,7 @@ class EndpointService(Service):
         self.engine_host = select_engine_host(config)
         self.engine_limits = EngineLimits.from_config(config)
         self._timer: asyncio.TimerHandle | None = None
+        self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._finishing: set[asyncio.Task[None]] = set()
 
     # --- control-plane hooks
@@ -193,6 +219,9 @@ class EndpointService(Service):
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._checkpoint_timer is not None:
+            self._checkpoint_timer.cancel()
+            self._checkpoint_timer = None
         for session in self.manager.shutdown(session_clock.now()):
             self._spawn_finish(session)
         if self._finishing:
@@ -297,6 +326,7 @@ class EndpointService(Service):
                 request_id=request.request_id, code="firewall_unavailable", message=message
             )
         self.runs[session.session_id] = run
+        self._arm_checkpoint()
         self.audit.emit(
             "session_grant",
             peer_id=link.peer_id,
@@ -561,6 +591,21 @@ class EndpointService(Service):
             self._spawn_finish(session)
         self._rearm()
 
+    def _arm_checkpoint(self) -> None:
+        if self._checkpoint_timer is None and self.runs:
+            loop = asyncio.get_running_loop()
+            self._checkpoint_timer = loop.call_later(ACCOUNTING_CHECKPOINT_SEC, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        """Write every running session's bytes so far to the ledger (see the constant)."""
+        self._checkpoint_timer = None
+        for run in list(self.runs.values()):
+            try:
+                run.charge(self.store, *run.live_bytes())
+            except LedgerError as exc:  # the end of the session tries again
+                _log.error("cannot checkpoint the bytes of %s: %s", run.session.session_id, exc)
+        self._arm_checkpoint()
+
     def _spawn_finish(self, session: Session) -> None:
         task = asyncio.get_running_loop().create_task(self._finish(session))
         self._finishing.add(task)
@@ -595,7 +640,7 @@ class EndpointService(Service):
             rx, tx = (kernel_bytes - tx, tx) if upload else (rx, kernel_bytes - rx)
             result["firewall_bytes"] = kernel_bytes
         try:
-            self.store.record_bytes(session.session_id, rx, tx)
+            run.charge(self.store, rx, tx)
         except LedgerError as exc:
             _log.error("cannot record the bytes of session %s: %s", session.session_id, exc)
             result["accounting_error"] = "usage could not be recorded"

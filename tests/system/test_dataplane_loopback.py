@@ -34,6 +34,7 @@ from reflector.link.messages import (
     ThroughputParams,
     UdpEchoParams,
 )
+from reflector.server import dataplane as dataplane_module
 from reflector.server.run import Running, start
 from reflector.sessions import manager as manager_module
 from reflector.tls import ALPN_TUNNEL
@@ -488,3 +489,109 @@ def test_a_test_left_open_by_a_crash_is_closed_as_interrupted_and_audited(
             assert ep.service.store.unfinished() == []
 
     run(body())
+
+
+# --- accounting while a test runs, and across a crash
+
+
+def ledger_bytes(state: Path, peer_id: str) -> int:
+    """What the ledger charges `peer_id` for the last day, read as a restarted endpoint would."""
+    from reflector.sessions import UsageStore, clock
+
+    with UsageStore.open(state) as store:
+        return store.peer_usage(peer_id, clock.now()).bytes_last_day
+
+
+def test_bytes_reach_the_ledger_while_the_test_runs_and_are_charged_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dataplane_module, "ACCOUNTING_CHECKPOINT_SEC", 0.3)
+
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep") as ep:
+            client = await paired_client(ep, tmp_path)
+            app = ApplianceIdentity.open(tmp_path / "app")
+            test = asyncio.ensure_future(
+                measure.throughput(client, app, measure.ThroughputOptions(duration_sec=3))
+            )
+            await asyncio.sleep(2.0)
+            assert ep.service.manager.active_sessions, "the test should still be running"
+            mid_test = ledger_bytes(ep.config.state_dir, app.identity.endpoint_id)
+            doc = await test
+            await client.close()
+            assert "error" not in doc["endpoint"], doc["endpoint"]
+            assert mid_test > 0  # charged before the end, by a checkpoint
+            acct = events(ep, "accounting")[-1]
+            total = acct["bytes_rx"] + acct["bytes_tx"]
+            assert mid_test < total  # the end charged only the rest: nothing twice
+            assert ledger_bytes(ep.config.state_dir, app.identity.endpoint_id) == total
+
+    run(body())
+
+
+def endpoint_until_killed(state: str, peer_id: str) -> None:
+    """Run in a child process (see the test): an endpoint that says its port, then serves."""
+    dataplane_module.ACCOUNTING_CHECKPOINT_SEC = 0.5
+
+    async def body() -> None:
+        async with endpoint(Path(state)) as ep:
+            ep.service.peers.add(peer_id, via="cli")
+            print(ep.addresses[0][1], ep.identity.endpoint_id, flush=True)
+            await asyncio.sleep(120)
+
+    run(body())
+
+
+def test_kill_9_mid_test_keeps_the_bytes_counted_so_far_and_leaves_no_engine(
+    tmp_path: Path,
+) -> None:
+    import subprocess as sp
+    import sys
+
+    app = ApplianceIdentity.open(tmp_path / "app")
+    peer = app.identity.endpoint_id
+    state = tmp_path / "ep"
+    code = (
+        "import tests.system.test_dataplane_loopback as t;"
+        f" t.endpoint_until_killed({str(state)!r}, {peer!r})"
+    )
+    child = sp.Popen(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=sp.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        port, endpoint_id = child.stdout.readline().split()
+
+        async def body() -> None:
+            client = await LinkClient.connect(("127.0.0.1", int(port)), app, endpoint_id)
+            opts = measure.ThroughputOptions(duration_sec=6)
+            test = asyncio.ensure_future(measure.throughput(client, app, opts))
+            await asyncio.sleep(3.0)
+            engines = [p for p in iperf_servers() if "-s" in p.cmdline()]  # not the client
+            assert engines, "the test's iperf3 server should be running"
+            child.kill()
+            child.wait(10)
+            _, alive = psutil.wait_procs(engines, timeout=5)
+            assert alive == []  # the engine died with its parent
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(test, 30)
+            with contextlib.suppress(Exception):
+                await client.close()
+
+        run(body())
+    finally:
+        child.kill()
+        child.wait(10)
+    # At most one checkpoint interval of the test went uncharged.
+    assert ledger_bytes(state, peer) > 0
+
+    async def restarted() -> None:
+        async with endpoint(state) as ep:
+            closes = events(ep, "session_close")
+            assert [c["reason"] for c in closes] == ["interrupted"]
+        assert ledger_bytes(state, peer) > 0  # closing it kept the bytes
+
+    run(restarted())

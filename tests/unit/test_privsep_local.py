@@ -12,11 +12,13 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from reflector.config import Config, parse_config_text
@@ -145,6 +147,41 @@ async def _the_timer_stops_an_engine_at_its_deadline_body() -> None:
     code, elapsed = await run_limited("import time; time.sleep(30)", GENEROUS, kill_after_s=0.5)
     assert code == -signal.SIGTERM
     assert 0.4 < elapsed < 3
+
+
+# A Reflector stand-in: starts a long engine with spawn_limited, says its pid, then waits.
+PARENT_OF_AN_ENGINE = """
+import asyncio, os, sys
+from reflector.privsep.local import Rlimits, spawn_limited
+async def main():
+    null = os.open(os.devnull, os.O_RDWR)
+    limits = Rlimits(address_space_bytes=1 << 34, nproc=100_000, cpu_seconds=60)
+    proc, _ = await spawn_limited(["sleep", "60"], limits, kill_after_s=60,
+                                  stdin=null, stdout=null, stderr=null)
+    print(proc.pid, flush=True)
+    await asyncio.sleep(60)
+asyncio.run(main())
+"""
+
+
+def test_an_engine_dies_with_a_reflector_killed_by_sigkill() -> None:
+    """The kill timer dies with the parent; the kernel's parent-death signal does not."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT_OF_AN_ENGINE], stdout=subprocess.PIPE, text=True
+    )
+    engine: psutil.Process | None = None
+    try:
+        assert parent.stdout is not None
+        engine = psutil.Process(int(parent.stdout.readline()))
+        assert engine.name() == "sleep"
+        parent.kill()
+        parent.wait(10)
+        engine.wait(5)  # raises TimeoutExpired if the engine outlived its parent
+    finally:
+        parent.kill()
+        parent.wait(10)
+        if engine is not None and engine.is_running():
+            engine.kill()  # the test failed: still clean up what it started
 
 
 # --- LocalEngineHost with the real engines
