@@ -7,7 +7,6 @@ machines) and `trace` (decoding captures for humans). Sockets, TLS and the clock
 
 from reflector.link.connection import (
     MAX_IN_FLIGHT,
-    MAX_VIOLATIONS,
     ClientConnection,
     ProtocolViolation,
     Reply,
@@ -58,7 +57,6 @@ from reflector.link.trace import TraceEntry, decode_trace, format_trace
 __all__ = [
     "MAX_FRAME_SIZE",
     "MAX_IN_FLIGHT",
-    "MAX_VIOLATIONS",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "ClientConnection",

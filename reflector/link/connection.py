@@ -62,10 +62,6 @@ from reflector.link.messages import (
 # and polls status and results alongside it, so a few suffice; 16 bounds the work one peer can
 # queue on the endpoint before it must wait for answers.
 MAX_IN_FLIGHT: Final = 16
-# Protocol violations one connection may commit before it is closed. A bug in an honest client
-# shows within one or two; a peer that keeps sending garbage gets typed answers for a while and
-# is then cut off, so it cannot keep us parsing (and auditing) without end.
-MAX_VIOLATIONS: Final = 32
 
 # The smallest frame limit a connection accepts: an `error` reply with the longest message,
 # every character escaped as \uXXXX, needs about 3.3 KB and must always fit.
@@ -132,12 +128,6 @@ class ServerConnection:
         self._max_in_flight = max_in_flight
         self._phase = _Phase.AWAIT_HELLO
         self._in_flight: dict[int, Request] = {}
-        self._violations = 0
-
-    @property
-    def violations(self) -> int:
-        """Protocol violations so far; the MAX_VIOLATIONS-th one closes the connection."""
-        return self._violations
 
     @property
     def closed(self) -> bool:
@@ -220,12 +210,6 @@ class ServerConnection:
     def _violation(
         self, code: str, message: str, request_id: int, *, close: bool
     ) -> ProtocolViolation:
-        self._violations += 1
-        if self._violations >= MAX_VIOLATIONS and not close:
-            close = True
-            message = f"closing after {self._violations} protocol violations: {message}"
-        if close:
-            self._phase = _Phase.CLOSED
         message = truncate_error_message(message)
         error = ErrorResponse(request_id=request_id, code=code, message=message)
         reply = encode_frame(message_to_dict(error), self._max_frame_size)

@@ -7,7 +7,6 @@ import pytest
 
 from reflector.link.connection import (
     MAX_IN_FLIGHT,
-    MAX_VIOLATIONS,
     ClientConnection,
     ProtocolViolation,
     Reply,
@@ -302,18 +301,6 @@ def test_bad_field_reply_names_the_field() -> None:
     assert (
         error_in(event).message == "params.streams: must be an integer between 1 and 128, got 500"
     )
-
-
-def test_a_peer_that_keeps_breaking_the_protocol_is_cut_off() -> None:
-    server = opened_server()
-    garbage = raw({"type": "launch_missiles", "request_id": 3})
-    for n in range(1, MAX_VIOLATIONS):
-        event = violation(server, garbage)
-        assert (event.code, event.close, server.violations) == ("unknown_type", False, n)
-    last = violation(server, garbage)
-    assert (last.code, last.close) == ("unknown_type", True)
-    assert error_in(last).message.startswith(f"closing after {MAX_VIOLATIONS} protocol violations")
-    assert server.closed
 
 
 # --- server: framing errors end the connection

@@ -25,7 +25,7 @@ from reflector.access import pairing
 from reflector.client.link_client import ApplianceIdentity, LinkClient, RemoteError
 from reflector.config import Config, parse_config_text
 from reflector.errors import ReflectorError
-from reflector.link import MAX_VIOLATIONS, FrameDecoder, decode_json, encode_frame
+from reflector.link import FrameDecoder, decode_json, encode_frame
 from reflector.link.frames import NEED_DATA
 from reflector.link.messages import GetPathMeta, Health, HealthStatus, Pair, PairOk, PathMeta
 from reflector.server.run import Running, start
@@ -510,7 +510,12 @@ def test_a_flooding_source_is_capped_and_audited_once(tmp_path: Path) -> None:
     run(body())
 
 
-def test_a_peer_flooding_bad_requests_is_audited_folded_and_cut_off(tmp_path: Path) -> None:
+def test_a_peer_flooding_bad_requests_is_answered_and_audited_once_per_interval(
+    tmp_path: Path,
+) -> None:
+    """Each bad request gets its typed error; the audit trail gets one record for the burst."""
+    burst = 50
+
     async def body() -> None:
         async with endpoint(tmp_path) as ep:
             bad = appliance(tmp_path, "bad")
@@ -519,14 +524,17 @@ def test_a_peer_flooding_bad_requests_is_audited_folded_and_cut_off(tmp_path: Pa
             writer.write(HELLO)
             assert (await read_frame(reader))["type"] == "server_hello"
             garbage = encode_frame({"type": "launch_missiles", "request_id": 3})
-            writer.write(garbage * (MAX_VIOLATIONS + 10))
-            decoder = FrameDecoder(65536)  # until the endpoint closes: EOF ends read()
-            decoder.receive_data(await asyncio.wait_for(reader.read(), 5))
-            replies = [decode_json(f) for f in iter(decoder.next_frame, NEED_DATA)]
-            assert len(replies) == MAX_VIOLATIONS  # cut off: the rest went unanswered
-            assert all(isinstance(r, dict) and r["code"] == "unknown_type" for r in replies)
+            writer.write(garbage * burst + encode_frame({"type": "health", "request_id": 9}))
+            decoder = FrameDecoder(65536)
+            replies: list[object] = []
+            while len(replies) < burst + 1:
+                decoder.receive_data(await asyncio.wait_for(reader.read(65536), 5))
+                replies += [decode_json(f) for f in iter(decoder.next_frame, NEED_DATA)]
+            assert all(isinstance(r, dict) and r["code"] == "unknown_type" for r in replies[:-1])
+            last = replies[-1]
+            assert isinstance(last, dict) and last["type"] == "health_status"  # still served
             writer.close()
-            (audited,) = denies(ep, "unknown_type")  # one record for the burst
+            (audited,) = denies(ep, "unknown_type")
             assert audited["reflector_event"] == "request_deny"
 
     run(body())
