@@ -52,6 +52,10 @@ _PRE_RANK = {"a": 0, "b": 1, "rc": 2}
 _FINAL_RANK = 3
 
 
+# How many unknown keys an error names (a hostile manifest may have thousands).
+_SHOWN_UNKNOWN_KEYS = 5
+
+
 class ManifestError(ReflectorError):
     """The manifest is malformed, or has nothing for this host."""
 
@@ -120,7 +124,13 @@ def _exact_keys(obj: Any, keys: frozenset[str], what: str) -> dict[str, Any]:
     if missing:
         raise ManifestError(f"{what} lacks {', '.join(sorted(missing))}")
     if unknown:
-        raise ManifestError(f"{what} has unknown keys {', '.join(sorted(unknown))}")
+        # Quoted: the names come from the file, and one holding a control character must not
+        # break the error onto several lines (found by fuzzing). A few suffice to fix a typo.
+        shown = ", ".join(repr(k) for k in sorted(unknown)[:_SHOWN_UNKNOWN_KEYS])
+        more = len(unknown) - _SHOWN_UNKNOWN_KEYS
+        raise ManifestError(
+            f"{what} has unknown keys {shown}{f' and {more} more' if more > 0 else ''}"
+        )
     return obj
 
 

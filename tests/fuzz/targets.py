@@ -1120,6 +1120,14 @@ FIXED_BUGS: Final[tuple[KnownBug, ...]] = (
         exception=ValueError,
         message_part="integer string conversion",
     ),
+    KnownBug(
+        target="manifest",
+        where="reflector/update/manifest.py: _exact_keys (the unknown key in the message)",
+        summary="an unknown key holding a carriage return makes the ManifestError multi-line",
+        reproducer=b'{ "format":"",\n"\\rai": "aa",\n "version": "2",\n"artifacts": [ ""]\n}\n',
+        exception=AssertionError,
+        message_part="",
+    ),
 )
 
 # Crashes found and not fixed yet, tolerated by name outside strict mode (none at present).
