@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 
 _log = logging.getLogger(__name__)
 
@@ -44,8 +45,7 @@ class Notifier:
 
     def _start_watchdog(self) -> None:
         usec = os.environ.get("WATCHDOG_USEC", "")
-        pid = os.environ.get("WATCHDOG_PID", "")
-        if not self.enabled or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        if not self.enabled or not usec.isdigit() or not watchdog_is_ours():
             return
         # Half the interval, as sd_watchdog_enabled(3) recommends: one late ping is not fatal.
         interval = int(usec) / 1_000_000 / 2
@@ -58,3 +58,17 @@ class Notifier:
             while True:
                 self._send("WATCHDOG=1")
                 await asyncio.sleep(interval)
+
+
+def watchdog_is_ours() -> bool:
+    """Whether systemd's WATCHDOG_PID names this process (sd_watchdog_enabled(3)'s check).
+
+    The single binary is a PyInstaller one-file executable: its bootloader is the process
+    systemd started (MainPID, WATCHDOG_PID) and runs Python in a child, so there the pings
+    must come from the bootloader's only child. The unit's NotifyAccess=all lets them in.
+    Without this the frozen service never pinged and systemd killed it every WatchdogSec.
+    """
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not pid or pid == str(os.getpid()):
+        return True
+    return bool(getattr(sys, "frozen", False)) and pid == str(os.getppid())

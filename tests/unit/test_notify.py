@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
-from reflector.server.notify import Notifier
+from reflector.server.notify import Notifier, watchdog_is_ours
 
 
 def notify_socket(tmp_path: Path) -> socket.socket:
@@ -58,3 +60,49 @@ def test_without_notify_socket_nothing_is_sent_and_no_timer_runs(
         return len(asyncio.all_tasks())
 
     assert asyncio.run(body()) == 1  # only the test's own task: no watchdog loop
+
+
+@pytest.mark.parametrize(
+    ("frozen", "watchdog_pid", "ours"),
+    [
+        (False, "", True),  # systemd did not say: the pings are ours
+        (False, "self", True),
+        (False, "parent", False),  # someone else's watchdog
+        (True, "parent", True),  # the single binary: systemd watches the bootloader
+        (True, "self", True),
+        (True, "1", False),
+    ],
+)
+def test_the_watchdog_is_ours_for_this_process_or_the_single_binarys_bootloader(
+    monkeypatch: pytest.MonkeyPatch, frozen: bool, watchdog_pid: str, ours: bool
+) -> None:
+    pids = {"": "", "self": str(os.getpid()), "parent": str(os.getppid()), "1": "1"}
+    monkeypatch.setenv("WATCHDOG_PID", pids[watchdog_pid])
+    if frozen:
+        monkeypatch.setattr(sys, "frozen", True, raising=False)
+    else:
+        monkeypatch.delattr(sys, "frozen", raising=False)
+    assert watchdog_is_ours() is ours
+
+
+def test_a_frozen_child_of_the_watched_bootloader_pings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = notify_socket(tmp_path)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getppid()))
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+
+    async def body() -> None:
+        notifier = Notifier()
+        notifier.ready("ready")
+        await asyncio.sleep(0.15)
+        notifier.stopping("stopping")
+
+    asyncio.run(body())
+    messages = []
+    while not messages or not messages[-1].startswith(b"STOPPING"):
+        messages.append(sock.recv(4096))
+    assert b"WATCHDOG=1" in messages
+    sock.close()
