@@ -20,12 +20,14 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from reflector.audit import AuditLog
 from reflector.config import Config
 from reflector.engines.iperf import EngineError
+from reflector.engines.throughput_result import grant_mismatches
 from reflector.engines.udp_echo import UdpEchoReflector, normalize_ip
 from reflector.firewall import hole_ttl_s
 from reflector.fsutil import atomic_write
@@ -311,20 +313,11 @@ class EndpointService(Service):
                 retry_after=decision.retry_after,
             )
         session = decision
-        try:
-            run, ports = await self._start_engine(link, session)
-        except EngineError as exc:
-            self._abort_grant(link, session, exc.code, str(exc))
-            return ErrorResponse(request_id=request.request_id, code=exc.code, message=str(exc))
-        try:
-            await self._open_holes(link, run)
-        except PrivsepError as exc:
-            await self._stop_engines(run)
-            message = f"cannot open the data port: {exc}"
-            self._abort_grant(link, run.session, "firewall_unavailable", message)
-            return ErrorResponse(
-                request_id=request.request_id, code="firewall_unavailable", message=message
-            )
+        run_or_refusal = await self._set_up(link, session, request.request_id)
+        if isinstance(run_or_refusal, ErrorResponse):
+            return run_or_refusal
+        run, ports = run_or_refusal
+        session = run.session
         self.runs[session.session_id] = run
         self._arm_checkpoint()
         self.audit.emit(
@@ -367,12 +360,51 @@ class EndpointService(Service):
             )
         return None
 
-    async def _open_holes(self, link: LinkProtocol, run: _Run) -> None:
+    async def _set_up(
+        self, link: LinkProtocol, session: Session, request_id: int
+    ) -> tuple[_Run, dict[str, int]] | ErrorResponse:
+        """Firewall first, then the engine: if nftables fails, nothing has listened at all.
+
+        Direct mode opens the peer's hole before any engine binds the public address, so a
+        firewall failure refuses the session with no port ever reachable (fail closed); an
+        engine that then fails to start takes its hole with it.
+        """
+        direct = session.mode == "direct_ephemeral"
+        try:
+            await self._open_holes(link, session)
+        except PrivsepError as exc:
+            return self._refuse_setup(link, session, request_id, "firewall_unavailable", exc)
+        try:
+            run, ports = await self._start_engine(link, session)
+        except EngineError as exc:
+            if direct:
+                await self._close_holes_of(session)
+            self._abort_grant(link, session, exc.code, str(exc))
+            return ErrorResponse(request_id=request_id, code=exc.code, message=str(exc))
+        run.holes = direct
+        if direct and run.session.port != session.port:  # iperf3 had to take another port
+            await self._close_holes_of(session)
+            try:
+                await self._open_holes(link, run.session)
+            except PrivsepError as exc:
+                await self._stop_engines(run)
+                return self._refuse_setup(
+                    link, run.session, request_id, "firewall_unavailable", exc
+                )
+        return run, ports
+
+    def _refuse_setup(
+        self, link: LinkProtocol, session: Session, request_id: int, code: str, exc: Exception
+    ) -> ErrorResponse:
+        message = f"cannot open the data port: {exc}"
+        self._abort_grant(link, session, code, message)
+        return ErrorResponse(request_id=request_id, code=code, message=message)
+
+    async def _open_holes(self, link: LinkProtocol, session: Session) -> None:
         """Direct mode: let exactly this peer reach exactly this session's data port.
 
         Raises PrivsepError (e.g. `firewall_unavailable`): the grant is then withdrawn.
         """
-        session = run.session
         if session.mode != "direct_ephemeral":
             return
         protos = ["udp"] if session.test_type is TestType.UDP_ECHO else ["tcp"]
@@ -381,15 +413,19 @@ class EndpointService(Service):
             protos.append("udp")
         remaining = max(0.0, session.deadline - session_clock.now().boottime)
         peer = normalize_ip(link.source[0])
-        for proto in protos:
-            run.holes = True
-            await self.engine_host.open_hole(
-                test_id=session.session_id,
-                peer_addr=peer,
-                proto=proto,
-                port=session.port,
-                ttl_s=hole_ttl_s(remaining),
-            )
+        for n, proto in enumerate(protos):
+            try:
+                await self.engine_host.open_hole(
+                    test_id=session.session_id,
+                    peer_addr=peer,
+                    proto=proto,
+                    port=session.port,
+                    ttl_s=hole_ttl_s(remaining),
+                )
+            except PrivsepError:
+                if n > 0:  # no half-open session: the first protocol's hole goes too
+                    await self._close_holes_of(session)
+                raise
         self.audit.emit(
             "hole_open",
             peer_id=session.peer_id,
@@ -402,16 +438,19 @@ class EndpointService(Service):
         """Close the session's holes; the kernel's byte count (both ways), if any."""
         if not run.holes:
             return None
+        return await self._close_holes_of(run.session)
+
+    async def _close_holes_of(self, session: Session) -> int | None:
         try:
-            totals = await self.engine_host.close_hole(run.session.session_id)
+            totals = await self.engine_host.close_hole(session.session_id)
         except PrivsepError as exc:  # the kernel's timeout closes it anyway
-            _log.error("cannot close the holes of %s: %s", run.session.session_id, exc)
+            _log.error("cannot close the holes of %s: %s", session.session_id, exc)
             return None
         total = totals.bytes if totals is not None else 0
         self.audit.emit(
             "hole_close",
-            peer_id=run.session.peer_id,
-            test_id=run.session.session_id,
+            peer_id=session.peer_id,
+            test_id=session.session_id,
             bytes_rx=total,
         )
         return total
@@ -669,6 +708,18 @@ class EndpointService(Service):
             }
         doc = outcome.to_dict()
         doc["test_type"] = "throughput"
+        granted = run.session.params
+        if isinstance(granted, ThroughputParams):
+            # iperf3's server cannot refuse what the client runs: say what exceeded the grant.
+            doc["grant_mismatches"] = list(
+                grant_mismatches(
+                    outcome.params,
+                    protocol="udp" if granted.protocol == "udp" else "tcp",
+                    streams=granted.streams,
+                    reverse=granted.reverse,
+                    duration_s=granted.duration_sec,
+                )
+            )
         doc["tunnel_bytes"] = {
             "upstream": run.counters.upstream_bytes,
             "downstream": run.counters.downstream_bytes,
@@ -678,8 +729,7 @@ class EndpointService(Service):
     def _iperf_bytes(self, run: _Run, result: dict[str, Any]) -> tuple[int, int]:
         if run.session.mode == "tunneled":
             return run.counters.upstream_bytes, run.counters.downstream_bytes
-        totals = result.get("bytes") or {}
-        return int(totals.get("received", 0) or 0), int(totals.get("sent", 0) or 0)
+        return engine_reported_bytes(result)
 
     def _remember(self, session: Session, result: dict[str, Any]) -> None:
         result = {
@@ -737,6 +787,19 @@ class EndpointService(Service):
             reason=refusal.code,
             mode="tunnel",
         )
+
+
+def engine_reported_bytes(result: Mapping[str, Any]) -> tuple[int, int]:
+    """(rx, tx) of a direct-mode throughput test from iperf3's own (normalized) report.
+
+    The endpoint's count (`bytes_transferred`) went in one direction: received on an upload,
+    sent on a download. A failed run reports nothing (0, 0); the hole's kernel counter, when
+    larger, overrides this in `_finish`.
+    """
+    moved = result.get("bytes_transferred")
+    if type(moved) is not int or moved < 0:
+        return 0, 0
+    return (0, moved) if result.get("direction") == "download" else (moved, 0)
 
 
 def _b64(data: bytes) -> str:

@@ -112,6 +112,7 @@ def test_tunneled_throughput_matches_iperf3_and_is_accounted(
             # The endpoint's view is iperf3's own server JSON, normalized: same bytes.
             assert theirs["bytes_transferred"] > 0
             assert theirs["endpoint"]["role"] == ("sender" if reverse else "receiver")
+            assert theirs["grant_mismatches"] == []  # the client ran what was granted
             # Bytes counted by the relay, not claimed by the peer, reach the ledger.
             counted = theirs["tunnel_bytes"]
             payload = counted["downstream"] if reverse else counted["upstream"]
@@ -422,12 +423,23 @@ def no_firewall_scenario(state: str) -> None:
     async def body() -> None:
         tmp = Path(state)
         async with endpoint(tmp / "ep", '[network]\nmode = "direct_ephemeral"\n') as ep:
+            # Watch the one door to every engine (iperf3 and the echo): firewall first means
+            # it is never even knocked on, so no port is reachable for a single moment.
+            engine_starts: list[str] = []
+            start_engine = ep.service._start_engine
+
+            async def watched(link: Any, session: Any) -> Any:
+                engine_starts.append(session.session_id)
+                return await start_engine(link, session)
+
+            ep.service._start_engine = watched  # type: ignore[method-assign]
             client = await paired_client(ep, tmp)
             for params in (tcp(2), echo(2)):
                 kind = "throughput" if isinstance(params, ThroughputParams) else "udp_echo"
                 with pytest.raises(RemoteError) as err:
                     await client.call(SessionRequest(test_type=kind, params=params), SessionGrant)
                 assert err.value.code == "firewall_unavailable"
+            assert engine_starts == []
             assert iperf_servers() == []
             await client.close()
             denies = [e["reason"] for e in events(ep, "session_deny")]

@@ -23,6 +23,7 @@ from reflector.engines.throughput_result import (
     normalize_iperf3,
 )
 from reflector.errors import ReflectorError
+from reflector.server.dataplane import engine_reported_bytes
 
 DATA = Path(__file__).parent / "data" / "iperf3"
 
@@ -322,3 +323,23 @@ def test_a_byte_count_run_or_a_longer_run_is_a_mismatch():
 
     assert grant_mismatches(by_bytes, protocol="tcp", streams=1, reverse=False, duration_s=1)
     assert grant_mismatches(params, protocol="tcp", streams=1, reverse=False, duration_s=0)
+
+
+# --- what a direct-mode test is charged (reflector/server/dataplane.py)
+
+
+@pytest.mark.parametrize(("case", "charged"), [("tcp_1stream", "rx"), ("tcp_reverse", "tx")])
+def test_a_direct_mode_test_is_charged_the_bytes_iperf3_reports_in_its_direction(
+    case: str, charged: str
+) -> None:
+    server, client = pair(case)
+    result = normalize_iperf3(server, client).to_dict()
+    rx, tx = engine_reported_bytes(result)
+    moved = server["end"]["sum_received" if charged == "rx" else "sum_sent"]["bytes"]
+    assert moved > 0
+    assert (rx, tx) == ((moved, 0) if charged == "rx" else (0, moved))
+
+
+def test_a_failed_run_reports_no_bytes() -> None:
+    assert engine_reported_bytes({"error": {"code": "iperf3_failed"}}) == (0, 0)
+    assert engine_reported_bytes({"bytes_transferred": -1, "direction": "upload"}) == (0, 0)
