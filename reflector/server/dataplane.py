@@ -532,6 +532,7 @@ class EndpointService(Service):
             run = _Run(session=session, iperf=iperf)
             deadline = time.monotonic() + max(0.0, session.deadline - session_clock.now().boottime)
             run.iperf_task = asyncio.get_running_loop().create_task(iperf.wait(deadline))
+            run.iperf_task.add_done_callback(lambda _: self._engine_ended(run))
             ports = {"tunnel": control_port} if tunneled else {"data": session.port}
             return run, ports
         assert last_error is not None
@@ -575,6 +576,8 @@ class EndpointService(Service):
 
     async def _close(self, link: LinkProtocol, request: SessionClose) -> Response:
         closed = self.manager.close(request.session_id, link.peer_id, session_clock.now())
+        if not isinstance(closed, Session) and self._ended_on_its_own(request.session_id, link):
+            return Ok(request_id=request.request_id)  # e.g. its engine failed: closing is done
         if not isinstance(closed, Session):
             return ErrorResponse(
                 request_id=request.request_id, code=closed.code.value, message=closed.message
@@ -582,6 +585,14 @@ class EndpointService(Service):
         await self._finish(closed, graceful=True)
         self._rearm()
         return Ok(request_id=request.request_id)
+
+    def _ended_on_its_own(self, session_id: str, link: LinkProtocol) -> bool:
+        """The peer's own session already ended (finishing now, or its result kept)."""
+        run = self.runs.get(session_id)
+        if run is not None:
+            return run.session.peer_id == link.peer_id
+        kept = self.results.get(session_id)
+        return kept is not None and kept[0] == link.peer_id
 
     def _result(self, link: LinkProtocol, request: GetResult) -> Response:
         kept = self.results.get(request.session_id)
@@ -629,6 +640,24 @@ class EndpointService(Service):
         for session in self.manager.expire(session_clock.now()):
             self._spawn_finish(session)
         self._rearm()
+
+    def _engine_ended(self, run: _Run) -> None:
+        """iperf3 exited while its session lives: a failed engine ends the session now.
+
+        Its port, its tunnel slot and the peer's one-test-at-a-time slot are freed at once
+        instead of at the deadline; a clean exit (the test done) waits for the peer's close.
+        """
+        session_id = run.session.session_id
+        if self.runs.get(session_id) is not run or run.iperf is None:
+            return  # already finishing: this is the stop that _finish asked for
+        if not isinstance(run.iperf.result(), EngineError) or run.iperf.timed_out:
+            return
+        closed = self.manager.close(
+            session_id, run.session.peer_id, session_clock.now(), Outcome.FAILED
+        )
+        if isinstance(closed, Session):
+            self._spawn_finish(closed)
+            self._rearm()
 
     def _arm_checkpoint(self) -> None:
         if self._checkpoint_timer is None and self.runs:

@@ -607,3 +607,34 @@ def test_kill_9_mid_test_keeps_the_bytes_counted_so_far_and_leaves_no_engine(
         assert ledger_bytes(state, peer) > 0  # closing it kept the bytes
 
     run(restarted())
+
+
+def test_an_engine_that_dies_ends_its_session_at_once_and_frees_the_slot(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path / "ep") as ep:
+            client = await paired_client(ep, tmp_path)
+            grant = await client.call(
+                SessionRequest(test_type="throughput", params=tcp(30)), SessionGrant
+            )
+            (server,) = [p for p in iperf_servers() if "-s" in p.cmdline()]
+            server.kill()
+            for _ in range(50):  # not at the 30 s deadline: within moments
+                if not ep.service.manager.active_sessions:
+                    break
+                await asyncio.sleep(0.1)
+            assert not ep.service.manager.active_sessions
+            result = await client.call(GetResult(session_id=grant.session_id), Result)
+            assert result.result["outcome"] == "failed"
+            assert result.result["error"]["code"] == "iperf3_failed", result.result
+            # The peer's close of a session that already ended is acknowledged, not an error.
+            await client.call(SessionClose(session_id=grant.session_id), Ok)
+            # One test at a time: the slot is free again.
+            again = await client.call(
+                SessionRequest(test_type="udp_echo", params=echo(1)), SessionGrant
+            )
+            await client.call(SessionClose(session_id=again.session_id), Ok)
+            await client.close()
+            closes = [e for e in events(ep, "session_close") if e["test_id"] == grant.session_id]
+            assert [c["reason"] for c in closes] == ["failed"]
+
+    run(body())
