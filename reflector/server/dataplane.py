@@ -15,6 +15,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -532,7 +533,7 @@ class EndpointService(Service):
             run = _Run(session=session, iperf=iperf)
             deadline = time.monotonic() + max(0.0, session.deadline - session_clock.now().boottime)
             run.iperf_task = asyncio.get_running_loop().create_task(iperf.wait(deadline))
-            run.iperf_task.add_done_callback(lambda _: self._engine_ended(run))
+            run.iperf_task.add_done_callback(functools.partial(self._engine_ended_cb, run))
             ports = {"tunnel": control_port} if tunneled else {"data": session.port}
             return run, ports
         assert last_error is not None
@@ -640,6 +641,9 @@ class EndpointService(Service):
         for session in self.manager.expire(session_clock.now()):
             self._spawn_finish(session)
         self._rearm()
+
+    def _engine_ended_cb(self, run: _Run, _task: asyncio.Task[None]) -> None:
+        self._engine_ended(run)
 
     def _engine_ended(self, run: _Run) -> None:
         """iperf3 exited while its session lives: a failed engine ends the session now.
