@@ -38,7 +38,13 @@ class LinkService(Protocol):
 
     def link_closed(self, link: LinkProtocol) -> None: ...
 
-    def protocol_violation(self, link: LinkProtocol, violation: ProtocolViolation) -> None: ...
+    def protocol_violation(self, link: LinkProtocol, violation: ProtocolViolation) -> bool:
+        """Record a violation; True closes the connection once its reply is written."""
+        ...
+
+    def link_deadline_passed(self, link: LinkProtocol) -> None:
+        """The connection's `deadline` passed and it is still not authorized."""
+        ...
 
 
 class LinkProtocol(asyncio.Protocol):
@@ -52,6 +58,7 @@ class LinkProtocol(asyncio.Protocol):
         source: tuple[str, int],
         max_frame_size: int,
         idle_timeout: float,
+        deadline: float | None = None,
     ) -> None:
         self.service = service
         self.peer_id = peer_id
@@ -62,8 +69,11 @@ class LinkProtocol(asyncio.Protocol):
         self.local: tuple[str, int] | None = None
         self._conn = ServerConnection(max_frame_size=max_frame_size)
         self._idle_timeout = idle_timeout
+        # Seconds an unauthorized peer has to become authorized (pair) before it is closed.
+        self._deadline = deadline
         self._transport: asyncio.Transport | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
@@ -75,21 +85,26 @@ class LinkProtocol(asyncio.Protocol):
         self.local = transport.get_extra_info("sockname")
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self._arm_idle()
+        if self._deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._deadline_timer = loop.call_later(self._deadline, self._deadline_passed)
         self.service.link_opened(self)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        self._arm_idle()
         self._conn.receive_data(data)
         while not self._closing:
             event = self._conn.next_event()
             if event is NEED_DATA:
                 break
+            # Only a whole frame counts as activity: a peer trickling one byte at a time
+            # (slowloris) does not keep its connection alive by that alone.
+            self._arm_idle()
             if isinstance(event, ProtocolViolation):
-                self.service.protocol_violation(self, event)
+                close = self.service.protocol_violation(self, event)
                 self._write(event.reply)
-                if event.close:
+                if event.close or close:
                     self.close()
                 continue
             assert isinstance(event, Request)
@@ -101,6 +116,8 @@ class LinkProtocol(asyncio.Protocol):
         self._closing = True
         if self._idle is not None:
             self._idle.cancel()
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
         for task in self._tasks:
             task.cancel()
         self.service.link_closed(self)
@@ -165,6 +182,11 @@ class LinkProtocol(asyncio.Protocol):
             self._idle.cancel()
         loop = asyncio.get_running_loop()
         self._idle = loop.call_later(self._idle_timeout, self._idle_expired)
+
+    def _deadline_passed(self) -> None:
+        self._deadline_timer = None
+        if not self.authorized and not self._closing:
+            self.service.link_deadline_passed(self)
 
     def _idle_expired(self) -> None:
         if self._tasks:  # a long request (e.g. a result wait) is not idleness

@@ -111,13 +111,22 @@ class Service:
     # --- ConnectionHandler (listener)
 
     def link_protocol(self, peer_id: str, source: tuple[str, int]) -> LinkProtocol:
+        """A connection of a known key gets the idle timeout; an unknown key, a short deadline.
+
+        An unknown key finished TLS with a certificate anyone can make. It may say hello and
+        pair (while a window is open) within `handshake_timeout_sec`, and nothing more: any
+        protocol violation, a third request or the deadline closes it, so throwaway keys
+        cannot hold connection slots that paired appliances need.
+        """
         net = self.config.network
+        known = self.peers.is_authorized(peer_id)
         return LinkProtocol(
             self,
             peer_id=peer_id,
             source=source,
             max_frame_size=net.max_frame_size,
             idle_timeout=float(net.idle_timeout_sec),
+            deadline=None if known else float(net.handshake_timeout_sec),
         )
 
     def tunnel_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol:
@@ -176,8 +185,16 @@ class Service:
             self._watch.cancel()
             self._watch = None
 
-    def protocol_violation(self, link: LinkProtocol, violation: ProtocolViolation) -> None:
-        """A request refused by the protocol core (malformed, out of order, over a limit)."""
+    def link_deadline_passed(self, link: LinkProtocol) -> None:
+        self.connection_denied(link.source[0], "unknown_peer_timeout", link.peer_id)
+        link.abort_with("unknown_peer", "this appliance did not pair in time")
+
+    def protocol_violation(self, link: LinkProtocol, violation: ProtocolViolation) -> bool:
+        """A request refused by the protocol core (malformed, out of order, over a limit).
+
+        Audited (folded per source); an unknown key's connection is then closed, while a known
+        appliance's stays open (a client bug should not cost it its session).
+        """
         _log.info("protocol violation from %s: %s", link.peer_id, violation.code)
         self._emit_folded(
             "request_deny",
@@ -187,10 +204,13 @@ class Service:
             message=violation.message,
             params={"request_id": violation.request_id, "closed": violation.close},
         )
+        return not (link.authorized or self.peers.is_authorized(link.peer_id))
 
     async def handle(self, link: LinkProtocol, request: Request) -> Response:
         state = self.links.setdefault(link, _LinkState())
         state.requests += 1
+        if not link.authorized and state.requests > UNKNOWN_PEER_MAX_REQUESTS:
+            self._deny(link, request, "unknown_peer", "an unpaired appliance may only pair")
         if isinstance(request, Hello):
             return self._hello(link, state, request)
         if isinstance(request, Pair):

@@ -380,6 +380,68 @@ def test_a_truncated_frame_then_silence_is_closed_by_the_idle_timeout(tmp_path: 
     run(body())
 
 
+def test_a_partial_frame_trickled_byte_by_byte_does_not_keep_a_connection_alive(
+    tmp_path: Path,
+) -> None:
+    """Only whole frames count as activity (slowloris): the idle timeout still applies."""
+
+    async def body() -> None:
+        async with endpoint(tmp_path, "idle_timeout_sec = 5\n") as ep:
+            app = appliance(tmp_path, "app")
+            authorize(ep, app)
+            reader, writer = await raw_tls(ep, app)
+            writer.write(HELLO)
+            await read_frame(reader)
+            writer.write(struct.pack(">I", 1000))
+            closed = asyncio.ensure_future(read_frame(reader))
+            for _ in range(12):  # one byte a second, never a whole frame
+                if closed.done():
+                    break
+                writer.write(b" ")
+                await asyncio.sleep(1)
+            error = await asyncio.wait_for(closed, 5)
+            assert error["code"] == "idle_timeout"
+
+    run(body())
+
+
+def test_an_unknown_key_that_sends_garbage_is_answered_once_and_closed(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path) as ep:
+            stranger = appliance(tmp_path, "stranger")
+            reader, writer = await raw_tls(ep, stranger)
+            writer.write(encode_frame({"type": "launch_missiles", "request_id": 1}) * 3)
+            error = await read_frame(reader)
+            assert error["code"] == "unknown_type"
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after one answer
+            (audited,) = denies(ep, "unknown_type")
+            assert audited["reflector_event"] == "request_deny"
+            assert audited["peer_id"] == stranger.identity.endpoint_id
+
+    run(body())
+
+
+def test_an_unknown_key_that_does_not_pair_in_time_is_closed_and_audited(
+    tmp_path: Path,
+) -> None:
+    """Throwaway keys cannot hold connection slots: the handshake timeout (3 s here) applies."""
+
+    async def body() -> None:
+        async with endpoint(tmp_path) as ep:
+            stranger = appliance(tmp_path, "stranger")
+            reader, _ = await raw_tls(ep, stranger)  # TLS done, then silence
+            started = time.monotonic()
+            error = await asyncio.wait_for(read_frame(reader), 10)
+            assert error["code"] == "unknown_peer"
+            assert 2.5 < time.monotonic() - started < 6
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            (audited,) = denies(ep, "unknown_peer_timeout")
+            assert audited["reflector_event"] == "connection_deny"
+            assert ep.listener.open_connections == 0
+
+    run(body())
+
+
 # --- TLS refusals against the server
 
 
