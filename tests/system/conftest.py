@@ -37,6 +37,11 @@ from .harness import (
 _PHASE_REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM'd run still tears down its containers and namespaces (see the harness)."""
+    harness.interrupt_on_sigterm()
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]

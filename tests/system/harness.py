@@ -144,6 +144,20 @@ class CommandRunner(Protocol):
     ) -> subprocess.Popen[str]: ...
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM (a CI runner stopping the job) unwind like Ctrl-C.
+
+    Python's default for SIGTERM is to die on the spot, skipping every `finally` and fixture
+    teardown: containers would keep running and overlays stay mounted. As KeyboardInterrupt,
+    pytest unwinds the fixtures, which stop containers and remove mounts and namespaces.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def unique_name(prefix: str) -> str:
     """A name no parallel test run will pick: prefix, our PID and random hex (hostname-safe)."""
     clean = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-") or "rfl"

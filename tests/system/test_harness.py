@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -298,3 +299,38 @@ def test_netns_pair_inside_the_container(
     assert pair.endpoint.name in inside
     on_machine = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert pair.endpoint.name not in on_machine
+
+
+# A stand-in for a test run: installs the harness's handler, holds a "resource" whose release
+# is in a finally (as every fixture's teardown is), says it is ready, then waits to be stopped.
+HELD_UNTIL_SIGTERM = """
+import pathlib, sys, time
+from tests.system.harness import interrupt_on_sigterm
+interrupt_on_sigterm()
+marker = pathlib.Path(sys.argv[1])
+try:
+    print("ready", flush=True)
+    time.sleep(60)
+finally:
+    marker.write_text("released")
+"""
+
+
+def test_a_run_stopped_with_sigterm_still_runs_its_teardown(tmp_path: Path) -> None:
+    marker = tmp_path / "released"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HELD_UNTIL_SIGTERM, str(marker)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert marker.read_text() == "released"
+    assert "KeyboardInterrupt: stopped by signal 15" in err
