@@ -638,3 +638,116 @@ def test_an_engine_that_dies_ends_its_session_at_once_and_frees_the_slot(tmp_pat
             assert [c["reason"] for c in closes] == ["failed"]
 
     run(body())
+
+
+# --- every refusal reason, over the wire and in the audit trail
+
+
+def _window_excluding_now() -> str:
+    """A heavy-tests window (UTC) that starts in two hours and lasts one: now is outside it."""
+    import datetime as dt
+
+    hour = dt.datetime.now(dt.UTC).hour
+    return f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"
+
+
+def throughput(streams: int = 1, bitrate: int | None = None) -> ThroughputParams:
+    return ThroughputParams(
+        duration_sec=20, protocol="tcp", streams=streams, reverse=False, bitrate_bps=bitrate
+    )
+
+
+# reason: (config sections beyond [audit], what the peer does first, the refused request)
+# "first" is a list of requests granted (and, for "then_closed", closed) before the refusal.
+REFUSALS: dict[str, tuple[str, list[tuple[str, Any, bool]], tuple[str, Any]]] = {
+    "test_type_disabled": ("[quotas]\nallow_throughput = false\n", [], ("throughput", tcp(2))),
+    "duration_exceeded": ("[quotas]\nmax_test_duration_sec = 5\n", [], ("udp_echo", echo(10))),
+    "streams_exceeded": (
+        "[iperf3]\nmax_streams = 2\ndefault_streams = 1\n",
+        [],
+        ("throughput", throughput(streams=3)),
+    ),
+    "bitrate_exceeded": (
+        "[iperf3]\nmax_bitrate_bps = 1000000\n",
+        [],
+        ("throughput", throughput(bitrate=2_000_000)),
+    ),
+    "outside_window": (
+        f'[quotas]\nheavy_tests_window = "{_window_excluding_now()}"\ntimezone = "UTC"\n',
+        [],
+        ("throughput", tcp(2)),
+    ),
+    "busy": ("", [("udp_echo", echo(30), False)], ("udp_echo", echo(2))),
+    "heavy_test_running": (
+        "[quotas]\nmax_concurrent_tests = 2\n",
+        [("throughput", throughput(), False)],
+        ("throughput", tcp(2)),
+    ),
+    "hourly_quota": (
+        "[quotas]\nmax_tests_per_hour_per_peer = 1\n",
+        [("udp_echo", echo(2), True)],
+        ("udp_echo", echo(2)),
+    ),
+    "cooldown": (
+        "[quotas]\ncooldown_sec = 600\n",
+        [("udp_echo", echo(2), True)],
+        ("udp_echo", echo(2)),
+    ),
+    "no_port_available": (
+        "[quotas]\nmax_concurrent_tests = 2\n"
+        "[network]\ndata_port_range_start = 5301\ndata_port_range_end = 5301\n",
+        [("udp_echo", echo(30), False)],
+        ("udp_echo", echo(2)),
+    ),
+}
+# Only asking differently helps these, so they carry no retry_after (reflector/sessions/policy).
+NO_RETRY = {"test_type_disabled", "duration_exceeded", "streams_exceeded", "bitrate_exceeded"}
+
+
+@pytest.mark.parametrize("reason", REFUSALS)
+def test_every_refusal_reason_reaches_the_peer_and_the_audit_trail(
+    tmp_path: Path, reason: str
+) -> None:
+    sections, first, (kind, params) = REFUSALS[reason]
+
+    async def body() -> None:
+        text = '[audit]\njournald = "off"\n' + sections
+        async with endpoint_with(tmp_path / "ep", text) as ep:
+            client = await paired_client(ep, tmp_path)
+            for first_kind, first_params, then_close in first:
+                grant = await client.call(
+                    SessionRequest(test_type=first_kind, params=first_params), SessionGrant
+                )
+                if then_close:
+                    await client.call(SessionClose(session_id=grant.session_id), Ok)
+            with pytest.raises(RemoteError) as err:
+                await client.call(SessionRequest(test_type=kind, params=params), SessionGrant)
+            await client.close()
+            assert err.value.code == reason, err.value
+            assert err.value.remote_message  # says what, in words
+            if reason in NO_RETRY:
+                assert err.value.retry_after is None
+            else:
+                assert err.value.retry_after is not None and err.value.retry_after > 0
+            (audited,) = [e for e in events(ep, "session_deny") if e["reason"] == reason]
+            assert audited["test_type"] == kind
+
+    run(body())
+
+
+def test_a_peer_over_its_daily_bytes_is_refused_until_they_age_out(tmp_path: Path) -> None:
+    async def body() -> None:
+        text = '[audit]\njournald = "off"\n[quotas]\nmax_bytes_per_day_per_peer = 1000\n'
+        async with endpoint_with(tmp_path / "ep", text) as ep:
+            client = await paired_client(ep, tmp_path)
+            await measure.latency(client, duration_sec=1)  # a few kB of echo, counted
+            with pytest.raises(RemoteError) as err:
+                await client.call(
+                    SessionRequest(test_type="udp_echo", params=echo(2)), SessionGrant
+                )
+            await client.close()
+            assert err.value.code == "daily_bytes_quota"
+            assert err.value.retry_after is not None and 0 < err.value.retry_after <= 86400
+            assert [e["reason"] for e in events(ep, "session_deny")] == ["daily_bytes_quota"]
+
+    run(body())
