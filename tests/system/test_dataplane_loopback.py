@@ -113,6 +113,11 @@ def test_tunneled_throughput_matches_iperf3_and_is_accounted(
             assert theirs["bytes_transferred"] > 0
             assert theirs["endpoint"]["role"] == ("sender" if reverse else "receiver")
             assert theirs["grant_mismatches"] == []  # the client ran what was granted
+            # Its rate is iperf3's own: the receiver's figure, which the client's JSON also
+            # carries (the server sends its stats to the client at the end).
+            rate = theirs["download_bps"] if reverse else theirs["upload_bps"]
+            assert rate == pytest.approx(mine["received_bps"], rel=0.05)
+            assert len(theirs["streams"]) == streams and theirs["intervals"]
             # Bytes counted by the relay, not claimed by the peer, reach the ledger.
             counted = theirs["tunnel_bytes"]
             payload = counted["downstream"] if reverse else counted["upstream"]
