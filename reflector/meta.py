@@ -102,8 +102,9 @@ def net_rates(previous: NetSample | None, current: NetSample, iface: str) -> Net
 class NetSampler:
     """Keeps the previous `NetSample` so each call measures the rate since the last call.
 
-    This avoids sleeping inside a request to get two samples: the appliance calls
-    `GetPathMeta` before and after a test, and the second answer covers exactly the test.
+    The appliance calls `GetPathMeta` before and after a test, and the second answer covers
+    exactly the test. A first call, or one long after the last (MAX_RATE_INTERVAL_SEC),
+    measures over a fresh FRESH_SAMPLE_SEC instead, so the rate is always a recent one.
     Thread-safe, because RPC handlers may call `path_meta` from worker threads.
     """
 
@@ -329,12 +330,29 @@ def _iface_facts(peer_addr: str, errors: list[str]) -> dict[str, object] | None:
     }
 
 
+# A rate over a longer interval than this is old news (an hour-long average says nothing about
+# the link now): the call measures afresh over FRESH_SAMPLE_SEC instead.
+MAX_RATE_INTERVAL_SEC = 10.0
+FRESH_SAMPLE_SEC = 0.25
+
+
+def _fresh_pair(errors: list[str]) -> NetSample | None:
+    """A sample FRESH_SAMPLE_SEC after the sampler's latest (runs in a worker thread)."""
+    time.sleep(FRESH_SAMPLE_SEC)
+    return _collect("net", take_net_sample, errors)
+
+
 def _net_facts(iface: str | None, sample: NetSample | None, errors: list[str]) -> dict[str, object]:
     current = sample if sample is not None else _collect("net", take_net_sample, errors)
     rates = NetRates(rx_bytes_per_sec=None, tx_bytes_per_sec=None, interval_sec=None)
     if current is not None:
         # Advance even without an interface, so the next caller's interval stays short.
         previous = _NET_SAMPLER.advance(current)
+        stale = previous is None or current.at - previous.at > MAX_RATE_INTERVAL_SEC
+        if sample is None and stale and iface is not None:
+            later = _fresh_pair(errors)
+            if later is not None:
+                previous, current = _NET_SAMPLER.advance(later), later
         if iface is None:
             errors.append("net: no interface toward the peer")
         elif previous is None:

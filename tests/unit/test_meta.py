@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -190,20 +191,39 @@ def test_link_speed_comes_from_sysfs_and_unknown_speeds_raise(tmp_path: Path) ->
 # --- byte rates between calls ------------------------------------------------------------------
 
 
-def test_the_first_call_reports_null_rates_and_says_why(fresh_sampler: None) -> None:
+def test_the_first_call_measures_over_a_fresh_quarter_second(fresh_sampler: None) -> None:
     facts = path_meta("127.0.0.1", BUILD)
-    assert facts["net"] == {
-        "rx_bytes_per_sec": None,
-        "tx_bytes_per_sec": None,
-        "interval_sec": None,
-    }
+    net = facts["net"]
+    assert isinstance(net, dict)
+    assert net["interval_sec"] == pytest.approx(meta.FRESH_SAMPLE_SEC, abs=0.2)
+    assert net["rx_bytes_per_sec"] is not None and net["tx_bytes_per_sec"] is not None
     cpu = facts["cpu"]
     assert isinstance(cpu, dict)
     assert cpu["percent"] is None  # psutil's first answer is a meaningless 0.0
     errors = facts["errors"]
     assert isinstance(errors, list)
-    assert "net: first call; measured from the next call on" in errors
     assert "cpu.percent: first call; measured from the next call on" in errors
+
+
+def test_a_call_long_after_the_last_does_not_average_over_the_gap(fresh_sampler: None) -> None:
+    long_ago = time.monotonic() - 3600
+    path_meta("127.0.0.1", BUILD, sample=NetSample(at=long_ago, counters={"lo": (0, 0)}))
+    net = path_meta("127.0.0.1", BUILD)["net"]
+    assert isinstance(net, dict)
+    interval = net["interval_sec"]
+    assert isinstance(interval, float) and interval <= meta.MAX_RATE_INTERVAL_SEC
+
+
+def test_explicit_samples_report_null_rates_on_the_first_call(fresh_sampler: None) -> None:
+    facts = path_meta("127.0.0.1", BUILD, sample=NetSample(at=100.0, counters={"lo": (1, 2)}))
+    assert facts["net"] == {
+        "rx_bytes_per_sec": None,
+        "tx_bytes_per_sec": None,
+        "interval_sec": None,
+    }
+    errors = facts["errors"]
+    assert isinstance(errors, list)
+    assert "net: first call; measured from the next call on" in errors
 
 
 def test_rates_cover_the_time_between_two_calls(fresh_sampler: None) -> None:
