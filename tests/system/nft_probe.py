@@ -11,6 +11,9 @@ probe, so every answer is counted, none coalesced.
 
 Modes:
   echo ADDRESS COUNT            ICMP/ICMPv6 echo requests, one id (as ping), counted replies
+  echo-group SOURCE GROUP IFACE COUNT
+                                echo requests from SOURCE to a broadcast or multicast GROUP out
+                                of IFACE; replies from any other host are counted
   udp ADDRESS PORT COUNT        datagrams: "reply" (echoed), "refused" (port unreachable), "silent"
   tcp ADDRESS PORT COUNT        SYNs: "connected", "refused" (RST), "silent"
   too-big ENDPOINT PEER MTU     an unsolicited "packet too big" / "fragmentation needed" telling
@@ -122,6 +125,58 @@ def probe_echo(address: str, count: int) -> tuple[dict[str, int], float]:
             if kind == reply and got_ident == ident and source[0] == address:
                 answered.add(seq)
     return {"reply": len(answered), "silent": count - len(answered)}, sending_s
+
+
+def probe_echo_group(
+    source: str, group: str, interface: str, count: int
+) -> tuple[dict[str, int], float]:
+    """Echo requests to a broadcast or multicast address, as `ping -b 198.51.100.255` or
+    `ping ff02::1%eth0` sends them; a request counts as answered when any host but the sender
+    replied to it.
+
+    Bound to `source` (a global address, never still in duplicate address detection) so a reply
+    comes back to it. The sender's own copies are not looped back, and a reply from `source`
+    itself is ignored, so only another host can make a request count.
+    """
+    v6 = _family(source) == socket.AF_INET6
+    proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+    request, reply = (
+        (_ICMP6_ECHO_REQUEST, _ICMP6_ECHO_REPLY) if v6 else (_ICMP_ECHO_REQUEST, _ICMP_ECHO_REPLY)
+    )
+    ident = os.getpid() & 0xFFFF
+    index = socket.if_nametoindex(interface)
+    with socket.socket(_family(source), socket.SOCK_RAW, proto) as sock:
+        sock.bind((source, 0))
+        _send_to_the_link_only(sock, index, v6=v6)
+        destination = (group, 0, 0, index) if v6 else (group, 0)
+        start = time.monotonic()
+        for seq in range(count):
+            header = struct.pack("!HH", ident, seq)
+            sock.sendto(_icmp(request, 0, header, _PAYLOAD, v6=v6), destination)
+        sending_s = time.monotonic() - start
+        answered: set[int] = set()
+        deadline = time.monotonic() + ANSWER_WAIT_S
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], left)[0]:
+                break
+            data, sender = sock.recvfrom(4096)
+            icmp = data if v6 else data[(data[0] & 0x0F) * 4 :]
+            kind, _, _, got_ident, seq = struct.unpack("!BBHHH", icmp[:8])
+            if kind == reply and got_ident == ident and sender[0] != source:
+                answered.add(seq)
+    return {"reply": len(answered), "silent": count - len(answered)}, sending_s
+
+
+def _send_to_the_link_only(sock: socket.socket, index: int, *, v6: bool) -> None:
+    """Multicast out of interface `index`, without a copy to this host; broadcast allowed."""
+    if v6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, index)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+        return
+    # struct ip_mreqn: no group, no local address, the interface's index.
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack("=8si", b"", index))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
 
 
 def probe_udp(address: str, port: int, count: int) -> tuple[dict[str, int], float]:
@@ -250,6 +305,8 @@ def main(argv: list[str]) -> int:
         return 0
     if mode == "echo":
         answers, sending_s = probe_echo(args[0], int(args[1]))
+    elif mode == "echo-group":
+        answers, sending_s = probe_echo_group(args[0], args[1], args[2], int(args[3]))
     elif mode == "udp":
         answers, sending_s = probe_udp(args[0], int(args[1]), int(args[2]))
     elif mode == "tcp":

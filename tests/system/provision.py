@@ -38,6 +38,7 @@ from .harness import REPO_ROOT, SystemdHost
 __all__ = [
     "ANSIBLE_DIR",
     "APPLIANCE_CLI",
+    "CLIENT_TIMEOUT_S",
     "CONFIG_FILE",
     "ENDPOINT_ADDR",
     "ContainerBackend",

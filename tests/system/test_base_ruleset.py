@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from . import nft_probe
-from .harness import ALLOW_SKIP_ENV, Netns, NetnsPair, stop_process
+from .harness import ALLOW_SKIP_ENV, LAB_IPV4_NETWORK, Netns, NetnsPair, stop_process
 
 pytestmark = pytest.mark.system
 
@@ -40,6 +40,8 @@ ECHO_BURST, ECHO_RATE = 20, 10
 TRACEROUTE_FIRST_PORT, TRACEROUTE_LAST_PORT = 33434, 33534
 CLOSED_HIGH_PORT = 47613
 DIRECT_MODE_PORT = 5201
+# Extra TCP ports the role may open: the health-http listener's, and another service's.
+HEALTH_HTTP_PORT, OTHER_SERVICE_PORT = 8080, 9100
 # Well above every per-source burst, few enough to send in a few milliseconds.
 FLOOD_PROBES = 200
 # The kernel's own ICMP error limits (per destination a burst of 6, then 1/s for IPv4 and 10/s
@@ -169,6 +171,37 @@ def test_a_service_on_another_port_stays_closed(base: NetnsPair, family: str) ->
         assert probe(base, "udp", endpoint, CLOSED_HIGH_PORT, 1)["refused"] == 1
 
 
+# Pings to every host on the link: one broadcast and one multicast group for IPv4, all-nodes
+# for IPv6. (family, group address)
+_GROUP_PINGS = {
+    "ipv4-broadcast": ("ipv4", str(LAB_IPV4_NETWORK.broadcast_address)),
+    "ipv4-all-hosts": ("ipv4", "224.0.0.1"),
+    "ipv6-all-nodes": ("ipv6", "ff02::1"),
+}
+# Linux ignores broadcast and multicast pings over IPv4 by default, but not over IPv6. The test
+# makes the endpoint's kernel answer both, so that silence can come only from the ruleset.
+_KERNEL_ANSWERS_GROUP_PINGS = (
+    "net.ipv4.icmp_echo_ignore_broadcasts=0",
+    "net.ipv6.icmp.echo_ignore_multicast=0",
+)
+
+
+@pytest.mark.parametrize("target", sorted(_GROUP_PINGS))
+def test_a_ping_to_a_broadcast_or_multicast_address_is_silently_dropped(
+    netns_pair: NetnsPair, tmp_path: Path, target: str
+) -> None:
+    family, group = _GROUP_PINGS[target]
+    source, interface = address_of(netns_pair.peer, family), netns_pair.peer.interface
+    netns_pair.run_in(netns_pair.endpoint, ["sysctl", "-q", "-w", *_KERNEL_ANSWERS_GROUP_PINGS])
+    # Without the ruleset the endpoint answers: the probe would see a reply if one came.
+    assert probe(netns_pair, "echo-group", source, group, interface, 1)["reply"] == 1
+
+    load(netns_pair, nft_probe.RENDERED.read_text(), tmp_path)
+    assert probe(netns_pair, "echo-group", source, group, interface, 3)["reply"] == 0
+    # The same host, pinged at its own address, is answered.
+    assert probe(netns_pair, "echo", address_of(netns_pair.endpoint, family), 1)["reply"] == 1
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ssh_is_open_by_default(base: NetnsPair, family: str) -> None:
     with listener(base, SSH_PORT):
@@ -190,6 +223,31 @@ def test_control_port_follows_the_role(netns_pair: NetnsPair, tmp_path: Path) ->
     with listener(netns_pair, 4433), listener(netns_pair, CONTROL_PORT):
         assert probe(netns_pair, "tcp", netns_pair.endpoint.ipv4, 4433, 1)["connected"] == 1
         assert probe(netns_pair, "tcp", netns_pair.endpoint.ipv4, CONTROL_PORT, 1)["refused"] == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_extra_tcp_ports_from_the_role_are_open_for_tcp_only(
+    netns_pair: NetnsPair, tmp_path: Path, family: str
+) -> None:
+    ports = [OTHER_SERVICE_PORT, HEALTH_HTTP_PORT, HEALTH_HTTP_PORT]  # unsorted, a duplicate
+    load(netns_pair, nft_probe.render_template({"reflector_nft_extra_tcp_ports": ports}), tmp_path)
+    endpoint = address_of(netns_pair.endpoint, family)
+    with listener(netns_pair, HEALTH_HTTP_PORT), listener(netns_pair, OTHER_SERVICE_PORT):
+        assert probe(netns_pair, "tcp", endpoint, HEALTH_HTTP_PORT, 1)["connected"] == 1
+        assert probe(netns_pair, "tcp", endpoint, OTHER_SERVICE_PORT, 1)["connected"] == 1
+        assert probe(netns_pair, "udp", endpoint, HEALTH_HTTP_PORT, 1)["refused"] == 1
+    # The control port stays open beside them.
+    with listener(netns_pair, CONTROL_PORT):
+        assert probe(netns_pair, "tcp", endpoint, CONTROL_PORT, 1)["connected"] == 1
+
+
+def test_no_extra_tcp_port_is_open_by_default() -> None:
+    assert "REFLECTOR_EXTRA_TCP_PORTS" not in nft_probe.RENDERED.read_text()
+    ports = [OTHER_SERVICE_PORT, HEALTH_HTTP_PORT, HEALTH_HTTP_PORT]
+    rendered = nft_probe.render_template({"reflector_nft_extra_tcp_ports": ports})
+    expected = f"{{ {HEALTH_HTTP_PORT}, {OTHER_SERVICE_PORT} }}"  # sorted, once each
+    assert f"define REFLECTOR_EXTRA_TCP_PORTS = {expected}\n" in rendered
+    assert "\t\ttcp dport $REFLECTOR_EXTRA_TCP_PORTS accept\n" in rendered
 
 
 # --- the real tools, as an appliance runs them ----------------------------------------------

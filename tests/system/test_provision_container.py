@@ -8,8 +8,9 @@ default, the signed single binary, is provisioned by test_provision_binary.py), 
 result is then checked the way an operator would look at it, through pytest-testinfra: users,
 files and modes, the running unit and the hardening it really runs with, the listening port, the
 READY event in the journal. An appliance in a network namespace of its own (documentation
-addresses) then measures latency and throughput through the provisioned endpoint, and a second
-run of the playbook must change nothing.
+addresses) then measures latency and throughput through the provisioned endpoint and reads the
+health listener through the firewall; restarting nftables.service must keep every other table;
+and a second run of the playbook must change nothing.
 
 The tests share one provisioned host and run in file order; the last one re-runs the play.
 """
@@ -32,6 +33,8 @@ from reflector.update.manifest import MACHINE_TO_ARCH, Artifact, format_manifest
 
 from .harness import REPO_ROOT, SystemdHost
 from .provision import (
+    CLIENT_TIMEOUT_S,
+    ENDPOINT_ADDR,
     PlayRecap,
     appliance_id,
     appliance_namespace,
@@ -47,6 +50,8 @@ from .provision import (
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 CONTROL_PORT = 4000
+# The plain-HTTP health listener the role enables, IPv4 like the appliance's link.
+HEALTH_PORT = 8080
 ENDPOINT_ID_RE = re.compile(r"Endpoint ID: (PP[0-9A-Z-]+)")
 # The spec's bar for the parent unit (issue 7): `systemd-analyze security` below 2.0.
 MAX_EXPOSURE = 2.0
@@ -86,6 +91,7 @@ def provisioned(systemd_host_module: SystemdHost, wheelhouse: Path) -> Provision
         "reflector_wheelhouse_src": WHEELHOUSE,
         "reflector_control_port": CONTROL_PORT,
         "reflector_authorized_peers": [appliance],
+        "reflector_health_http_address": f"0.0.0.0:{HEALTH_PORT}",
     }
     recap = run_playbook(host, extra_vars, tag="first")
     return Provisioned(host=host, extra_vars=extra_vars, first_run=recap, appliance_id=appliance)
@@ -132,6 +138,7 @@ def test_files_have_their_owners_and_modes(infra: Any) -> None:
         "/var/lib/reflector/identity.ed25519": ("reflector", "reflector", 0o600),
         "/etc/systemd/system/reflector.service": ("root", "root", 0o644),
         "/etc/nftables.d/reflector-base.nft": ("root", "root", 0o640),
+        "/etc/systemd/system/nftables.service.d/reflector.conf": ("root", "root", 0o644),
     }
     for path, (owner, group, mode) in expected.items():
         f = infra.file(path)
@@ -158,6 +165,7 @@ def test_the_config_is_rendered_from_the_role_variables(
     assert f'"0.0.0.0:{CONTROL_PORT}"' in shown
     assert 'mode = "tunneled"' in shown
     assert "pairing_enabled = false" in shown
+    assert f'health_http_address = "0.0.0.0:{HEALTH_PORT}"' in shown
     assert provisioned.appliance_id in shown
 
 
@@ -313,6 +321,100 @@ def test_path_meta_works_under_the_hardening(provisioned: Provisioned, appliance
     assert "adjtimex" in allowed
     assert not allowed & {"clock_adjtime", "clock_settime", "settimeofday"}
     assert not allowed & {"mount", "ptrace", "setrlimit", "reboot"}
+
+
+_GET_HEALTH = """
+import json, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=10) as response:
+    print(json.dumps({"status": response.status, "body": json.load(response)}))
+"""
+
+
+def test_the_health_listener_is_reachable_through_the_base_firewall(
+    provisioned: Provisioned, appliance_ns: str
+) -> None:
+    """The role opened the health port in the base ruleset: without that, the policy would reset
+    every connection to it, as it does for any other port."""
+    url = f"http://{ENDPOINT_ADDR}:{HEALTH_PORT}/health"
+    argv = ["ip", "netns", "exec", appliance_ns, "/usr/bin/python3", "-c", _GET_HEALTH, url]
+    answer = json.loads(provisioned.host.run(argv, timeout=CLIENT_TIMEOUT_S).stdout)
+    assert answer["status"] == 200
+    assert answer["body"]["status"] == "ok"
+    assert set(answer["body"]) == {"status", "version", "load"}
+
+
+# Stand-ins for what a restart of nftables.service must not touch: Reflector's own table (a
+# tunneled endpoint creates none, so one shaped like it: a hole set and the marking chain) and
+# an operator's table.
+_OTHER_TABLES = {
+    "inet reflector": """
+table inet reflector {
+    set holes_v4 {
+        type ipv4_addr . inet_proto . inet_service
+        elements = { 192.0.2.2 . tcp . 5201 }
+    }
+    chain holes {
+        type filter hook input priority -10; policy accept;
+        ip saddr . meta l4proto . th dport @holes_v4 meta mark set 0x00524546
+    }
+}
+""",
+    "inet operator": """
+table inet operator {
+    counter seen { }
+}
+""",
+}
+BASE_TABLE = "inet reflector_base"
+NFTABLES_DROPIN = "/etc/systemd/system/nftables.service.d/reflector.conf"
+
+
+def _other_tables(host: SystemdHost) -> dict[str, str]:
+    """Every table but the base ruleset's, by name, with its rules and elements (no counters)."""
+    names = host.run(["nft", "list", "tables"]).stdout.splitlines()
+    tables = [name.removeprefix("table ").strip() for name in names if name.strip()]
+    return {
+        table: host.run(["nft", "-s", "list", "table", *table.split()]).stdout
+        for table in tables
+        if table != BASE_TABLE
+    }
+
+
+def _base_rules(host: SystemdHost) -> str | None:
+    """The base ruleset's input chain, or None without the table. (Its per-source sets are left
+    out: their entries come and go with traffic.)"""
+    result = host.run(["nft", "-s", "list", "chain", *BASE_TABLE.split(), "input"], check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def test_restarting_nftables_keeps_every_other_table(provisioned: Provisioned) -> None:
+    """Debian's unit stops with `nft flush ruleset`; the role's drop-in makes stopping remove
+    only the base ruleset's table, so a restart loses no hole and no one else's table."""
+    host = provisioned.host
+    props = unit_properties(
+        host, "nftables.service", "ActiveState", "UnitFileState", "DropInPaths", "ExecStop"
+    )
+    assert (props["ActiveState"], props["UnitFileState"]) == ("active", "enabled")
+    assert NFTABLES_DROPIN in props["DropInPaths"].split()
+    assert "flush" not in props["ExecStop"], props["ExecStop"]
+    for table, text in _OTHER_TABLES.items():
+        host.write_file(f"/root/{table.replace(' ', '-')}.nft", text, mode=0o600)
+        host.run(["nft", "-f", f"/root/{table.replace(' ', '-')}.nft"])
+    try:
+        others, base = _other_tables(host), _base_rules(host)
+        assert base is not None and "policy drop" in base
+        assert _OTHER_TABLES.keys() <= others.keys()
+
+        host.run(["systemctl", "restart", "nftables.service"])
+        assert (_other_tables(host), _base_rules(host)) == (others, base)
+
+        host.run(["systemctl", "stop", "nftables.service"])
+        assert (_other_tables(host), _base_rules(host)) == (others, None)
+    finally:
+        host.run(["systemctl", "start", "nftables.service"])
+        for table in _OTHER_TABLES:
+            host.run(["nft", "delete", "table", *table.split()])
+    assert _base_rules(host) == base
 
 
 def test_a_second_run_changes_nothing(provisioned: Provisioned) -> None:
