@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,6 +107,27 @@ async def latency(
     }
 
 
+# Seconds of the bufferbloat grant beyond the idle and load phases (iperf3 start and finish).
+BUFFERBLOAT_SLACK_SEC = 2
+
+
+def _fit_load_to_policy(
+    client: LinkClient, opts: ThroughputOptions, overhead: int
+) -> ThroughputOptions:
+    """`opts` with the load shortened so that overhead + load fits the endpoint's maximum."""
+    hello = client.server_hello
+    limit = hello.policy_summary.get("max_test_duration_sec") if hello is not None else None
+    if not isinstance(limit, int) or overhead + opts.duration_sec <= limit:
+        return opts
+    load = limit - overhead
+    if load < 1:
+        raise ReflectorError(
+            f"the endpoint allows tests of at most {limit} s, too short for {overhead} s of"
+            " idle measurement plus a load phase"
+        )
+    return dataclasses.replace(opts, duration_sec=load)
+
+
 async def bufferbloat(
     client: LinkClient,
     appliance: ApplianceIdentity,
@@ -115,8 +137,16 @@ async def bufferbloat(
     interval_ms: int = DEFAULT_INTERVAL_MS,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Latency idle, then latency while iperf3 loads the path, in one throughput grant."""
-    grant = await _request_throughput(client, idle_sec + opts.duration_sec + 2, opts)
+    """Latency idle, then latency while iperf3 loads the path, in one throughput grant.
+
+    The grant must cover the idle phase, the load and a little slack; when that would exceed
+    the endpoint's maximum test duration (from its hello), the load phase is shortened to fit
+    rather than the request being refused as `duration_exceeded`.
+    """
+    opts = _fit_load_to_policy(client, opts, idle_sec + BUFFERBLOAT_SLACK_SEC)
+    grant = await _request_throughput(
+        client, idle_sec + opts.duration_sec + BUFFERBLOAT_SLACK_SEC, opts
+    )
     try:
         _say(progress, f"idle latency for {idle_sec} s")
         idle = await _probe(client, grant, idle_sec, interval_ms, DEFAULT_PACKET_SIZE, progress)

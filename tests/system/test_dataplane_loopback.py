@@ -22,6 +22,7 @@ import pytest
 from reflector.client import measure
 from reflector.client.link_client import ApplianceIdentity, LinkClient, RemoteError
 from reflector.config import parse_config_text
+from reflector.errors import ReflectorError
 from reflector.link.messages import (
     GetResult,
     GetStatus,
@@ -349,6 +350,28 @@ def test_bufferbloat_measures_idle_and_loaded_latency_in_one_grant(tmp_path: Pat
             assert doc["throughput"]["sent_bps"] > 0
             assert set(doc["increase_ms"]) == {"p50_ms", "p90_ms", "p99_ms"}
             assert len(events(ep, "session_grant")) == 1
+
+    run(body())
+
+
+def test_bufferbloat_fits_its_load_phase_into_the_endpoints_maximum_duration(
+    tmp_path: Path,
+) -> None:
+    """Asking for as long a load as the endpoint allows is shortened to fit, not refused."""
+
+    async def body() -> None:
+        text = BASE.replace("[quotas]\n", "[quotas]\nmax_test_duration_sec = 6\n")
+        async with endpoint_with(tmp_path / "ep", text) as ep:
+            client = await paired_client(ep, tmp_path)
+            app = ApplianceIdentity.open(tmp_path / "app")
+            opts = measure.ThroughputOptions(duration_sec=6)
+            doc = await measure.bufferbloat(client, app, opts, idle_sec=1, interval_ms=50)
+            assert doc["throughput"]["duration_sec"] == 6 - 1 - measure.BUFFERBLOAT_SLACK_SEC
+            (grant,) = events(ep, "session_grant")
+            assert grant["params"]["duration_sec"] == 6
+            with pytest.raises(ReflectorError, match="at most 6 s"):
+                await measure.bufferbloat(client, app, opts, idle_sec=5)
+            await client.close()
 
     run(body())
 
