@@ -1,8 +1,9 @@
 """The single binary as the Python interpreter of its own engines (see reflector/__main__.py).
 
 Only what the helper uses: `-I` (ignored: a frozen runtime reads no PYTHON* variables and no user
-site), `-c CODE ARGS...` and `-m reflector.MODULE ARGS...`. Anything else is refused: the binary
-is not meant to be a general interpreter.
+site), `-c PROBE_SCRIPT PORT` (the helper's one probe, matched exactly) and
+`-m reflector.MODULE ARGS...`. Anything else is refused: the binary is not a general
+interpreter, so `reflector -c 'arbitrary code'` does not run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import runpy
 import sys
 from typing import NoReturn
 
+from reflector.privsep.scope import PROBE_SCRIPT
+
 # Exit status for a malformed invocation, as Python's own for a usage error.
 USAGE_EXIT = 2
 
@@ -18,7 +21,7 @@ USAGE_EXIT = 2
 def run_python_argv(args: list[str]) -> NoReturn:
     """Run `args` (the argv after the program name) the way `python` would, then exit."""
     rest = args[1:] if args[:1] == ["-I"] else args
-    if len(rest) >= 2 and rest[0] == "-c":
+    if len(rest) >= 2 and rest[0] == "-c" and rest[1] == PROBE_SCRIPT:
         sys.argv = ["-c", *rest[2:]]
         exec(compile(rest[1], "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102
         sys.exit(0)
