@@ -20,6 +20,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,3 +228,27 @@ def test_the_helper_runs_a_throughput_engine_for_the_appliance(
 def test_a_second_run_changes_nothing(provisioned: Provisioned) -> None:
     recap = run_playbook(provisioned.host, provisioned.extra_vars, tag="binary-second")
     assert (recap.changed, recap.failed) == (0, 0), recap.output
+
+
+# The unit's WatchdogSec=: systemd kills a service that does not ping within it.
+WATCHDOG_SEC = 30
+
+
+def test_the_binary_service_outlives_its_watchdog(provisioned: Provisioned) -> None:
+    """The pings come from the bootloader's child (see server/notify.py), and systemd takes them.
+
+    A single binary that never pinged would be killed and restarted every WatchdogSec.
+    """
+    host = provisioned.host
+    before = unit_properties(
+        host, "reflector.service", "MainPID", "NRestarts", "ActiveEnterTimestampMonotonic"
+    )
+    # CLOCK_MONOTONIC is the kernel's, shared with the container's systemd.
+    active_for = time.monotonic() - int(before["ActiveEnterTimestampMonotonic"]) / 1e6
+    time.sleep(max(0.0, WATCHDOG_SEC * 1.3 - active_for))
+    after = unit_properties(
+        host, "reflector.service", "ActiveState", "MainPID", "NRestarts", "WatchdogTimestamp"
+    )
+    assert after["ActiveState"] == "active", after
+    assert (after["MainPID"], after["NRestarts"]) == (before["MainPID"], before["NRestarts"])
+    assert after["WatchdogTimestamp"], after  # systemd has taken a WATCHDOG=1
