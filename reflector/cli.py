@@ -17,7 +17,13 @@ import typer
 
 from reflector.buildinfo import build_info
 from reflector.client.cli import client_app
-from reflector.config import DEFAULT_CONFIG_PATH, Config, config_to_toml, load_config
+from reflector.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    config_to_toml,
+    effective_config,
+    load_config,
+)
 from reflector.errors import ConfigError, ReflectorError
 from reflector.fsutil import ensure_private_dir
 from reflector.identity import Identity, load_identity, load_or_create_identity, rotate_identity
@@ -170,7 +176,7 @@ def config_check(path: Annotated[Path, typer.Argument(help="The TOML file to val
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, state_dir: StateDirOpt = None) -> None:
     """Print the effective config, defaults filled in."""
-    typer.echo(config_to_toml(resolve_config(config, state_dir)), nl=False)
+    typer.echo(config_to_toml(effective_config(resolve_config(config, state_dir))), nl=False)
 
 
 @trace_app.command("decode")
@@ -330,10 +336,23 @@ def audit_verify(config: ConfigOpt = None, state_dir: StateDirOpt = None) -> Non
     typer.echo(f"{path}: ok, {result.records} records")
 
 
+# How --since/--until are read; shared by both options' help.
+_TIME_HELP = (
+    "ISO 8601 time, e.g. 2026-12-01 or 2026-12-01T08:00; local time (as journalctl --since)"
+    " unless it ends in Z or an offset such as +02:00."
+)
+
+
 @audit_app.command("export")
 def audit_export(
-    since: Annotated[datetime | None, typer.Option(help="ISO time, e.g. 2026-12-01T00:00")] = None,
-    until: Annotated[datetime | None, typer.Option(help="ISO time")] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(metavar="TIME", help=f"Records from this time on (inclusive). {_TIME_HELP}"),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option(metavar="TIME", help=f"Records before this time (exclusive). {_TIME_HELP}"),
+    ] = None,
     peer: Annotated[str | None, typer.Option(help="Only this peer ID")] = None,
     event: Annotated[str | None, typer.Option(help="Only this event kind")] = None,
     fmt: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl",
@@ -343,7 +362,10 @@ def audit_export(
     config: ConfigOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
-    """Export audit records (for support bundles), from journald or audit.jsonl."""
+    """Export audit records (for support bundles), from journald or audit.jsonl.
+
+    Times without a zone are local time, as journalctl reads them; records carry UTC.
+    """
     from reflector.audit import (
         AUDIT_FILE_NAME,
         EXPORT_FORMATS,
@@ -359,20 +381,36 @@ def audit_export(
     if event is not None and event not in {k.value for k in EventKind}:
         raise ConfigError(f"--event: unknown event kind {event!r}")
     peer_id = _canonical_peer(peer) if peer else None
-    since_utc = since.replace(tzinfo=since.tzinfo or UTC) if since else None
-    until_utc = until.replace(tzinfo=until.tzinfo or UTC) if until else None
+    since_at = parse_time(since, "--since")
+    until_at = parse_time(until, "--until")
     use_journal = source == "journal" or (
         source == "auto" and Path("/run/systemd/journal/socket").exists()
     )
     if source not in ("auto", "journal", "file"):
         raise ConfigError(f"--source must be auto, journal or file, got {source!r}")
     records = (
-        read_journal(since_utc, until_utc, peer_id, event)
+        read_journal(since_at, until_at, peer_id, event)
         if use_journal
-        else read_jsonl(cfg.state_dir / AUDIT_FILE_NAME, since_utc, until_utc, peer_id, event)
+        else read_jsonl(cfg.state_dir / AUDIT_FILE_NAME, since_at, until_at, peer_id, event)
     )
     for line in format_records(records, fmt):
         sys.stdout.write(line if line.endswith("\n") else line + "\n")
+
+
+def parse_time(text: str | None, option: str) -> datetime | None:
+    """An ISO 8601 time as typed after `option`; ConfigError (exit 2) if it is not one.
+
+    A time without a zone stays naive, which the audit readers take as local time, like
+    `journalctl --since` (`reflector.audit.query`); with Z or an offset it is that instant.
+    """
+    if text is None:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            f"{option}: not an ISO 8601 time (e.g. 2026-12-01T08:00 or 2026-12-01T08:00Z): {text!r}"
+        ) from None
 
 
 @app.command(

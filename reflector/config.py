@@ -43,7 +43,7 @@ def _bounds(lo: int, hi: int) -> dict[str, Any]:
 class ServiceConfig:
     """Where Reflector keeps its state; everything else under it is derived."""
 
-    state_dir: str = str(DEFAULT_STATE_DIR)
+    state_dir: str = field(default=str(DEFAULT_STATE_DIR), metadata={"check": "state_dir"})
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
@@ -114,7 +114,9 @@ class QuotaConfig:
 class Iperf3Config:
     """The throughput engine (spec §7.1)."""
 
-    path: str = "/usr/bin/iperf3"
+    # Absolute: engines are started without a search path (a relative name would resolve
+    # against whatever directory the service or helper happens to run in).
+    path: str = field(default="/usr/bin/iperf3", metadata={"check": "abspath"})
     default_streams: int = field(default=4, metadata=_bounds(1, 128))
     max_streams: int = field(default=8, metadata=_bounds(1, 128))
     max_bitrate_bps: int = field(default=0, metadata=_bounds(0, 10**12))
@@ -205,10 +207,21 @@ def load_config(path: Path | None, *, state_dir: Path | None = None) -> Config:
     except _Invalid as exc:
         raise ConfigError(f"{label}: {_one_line(exc.key)}: {exc.reason}") from None
     if state_dir is not None:
-        config = dataclasses.replace(
-            config, service=dataclasses.replace(config.service, state_dir=str(state_dir))
-        )
+        config = _override_state_dir(config, state_dir)
     return config
+
+
+def _override_state_dir(config: Config, state_dir: Path) -> Config:
+    """Apply `--state-dir`: made absolute (from the current directory), checked as the file's
+    `service.state_dir` is."""
+    absolute = str(state_dir.absolute())
+    try:
+        _check_state_dir(absolute, "--state-dir")
+    except _Invalid as exc:
+        raise ConfigError(f"{exc.key}: {exc.reason}") from None
+    return dataclasses.replace(
+        config, service=dataclasses.replace(config.service, state_dir=absolute)
+    )
 
 
 def parse_config_text(text: str, label: str = "<text>") -> Config:
@@ -352,6 +365,8 @@ def _check_string(check: str | None, value: str, key: str) -> None:
         raise _Invalid(key, f"must be a system user name ([a-z_][a-z0-9_-]*), got {value!r}")
     if check == "key_path" and value:
         _check_key_path(value, key)
+    if check == "state_dir":
+        _check_state_dir(value, key)
     if check == "address_or_empty" and value:
         _check_address(value, key)
 
@@ -371,6 +386,16 @@ def _check_key_path(value: str, key: str) -> None:
         raise _Invalid(
             key, f"must be in a directory of its own (it is made mode 0700), not {path.parent}"
         )
+
+
+def _check_state_dir(value: str, key: str) -> None:
+    """Absolute (a relative one would follow the working directory of whoever runs us) and
+    not a shared system directory, which `ensure_private_dir` would otherwise make 0700."""
+    path = Path(value)
+    if not path.is_absolute():
+        raise _Invalid(key, f"must be an absolute path, got {value!r}")
+    if path in _SHARED_DIRS:
+        raise _Invalid(key, f"must be a directory of its own (it is made mode 0700), not {path}")
 
 
 def _check_timezone(value: str, key: str) -> None:
@@ -446,8 +471,18 @@ def _type_name(value: object) -> str:
     return names.get(type(value), type(value).__name__)
 
 
+def effective_config(config: Config) -> Config:
+    """`config` with derived defaults written out (the key path under the state dir).
+
+    For `reflector config show`: the operator should see the file Reflector will really use,
+    not the empty string that means "the default".
+    """
+    identity = dataclasses.replace(config.identity, private_key_path=str(config.key_path))
+    return dataclasses.replace(config, identity=identity)
+
+
 def config_to_toml(config: Config) -> str:
-    """Render the effective config as TOML (for `reflector config show`)."""
+    """Render `config` as TOML that parses back to an equal `Config`."""
     lines: list[str] = []
     for section in dataclasses.fields(config):
         obj = getattr(config, section.name)

@@ -5,11 +5,21 @@ world-readable between ``open`` and ``chmod``, is a real failure. Every write he
 temporary file in the same directory, created exclusively with its final mode (never wider),
 is flushed to disk, and is then renamed (or linked) into place, and the directory is flushed so
 the rename itself survives a crash.
+
+Ownership: on a deployed host the state directory belongs to the service user (`reflector`,
+mode 0700), while operators often run `reflector pair` or `reflector peers add` as root. A file
+root creates there would be root's and 0600, so the service could no longer read its own
+allowlist or pairing window. So a file created here by root in a directory owned by another
+user is given to that user (and the directory's group) before it becomes visible: every writer
+of state files goes through `atomic_write`, `atomic_create` or `open_owned`. Only files we create
+are handed over; an existing file keeps its owner (chowning an existing name could be turned
+against root with a planted hard link).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -17,7 +27,13 @@ from pathlib import Path
 
 from reflector.errors import ReflectorError
 
-__all__ = ["PRIVATE_DIR_MODE", "atomic_create", "atomic_write", "ensure_private_dir"]
+__all__ = [
+    "PRIVATE_DIR_MODE",
+    "atomic_create",
+    "atomic_write",
+    "ensure_private_dir",
+    "open_owned",
+]
 
 # Owner-only: the directory holds the identity key; nobody else needs to list or enter it.
 PRIVATE_DIR_MODE = 0o700
@@ -28,6 +44,10 @@ _GROUP_OTHER_BITS = 0o077
 _TEMP_SUFFIX_BYTES = 8
 # Never follow a symlink planted at the temporary name; never become a controlling tty.
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
+# `open_owned` creates exclusively, or else opens the existing file; if the file vanishes between
+# the two attempts it tries again, this many times (only the directory's owner can cause that).
+_OPEN_ATTEMPTS = 3
+_ROOT_UID = 0
 
 
 def atomic_write(path: Path, data: bytes, mode: int) -> None:
@@ -58,6 +78,36 @@ def atomic_create(path: Path, data: bytes, mode: int) -> None:
     finally:
         _unlink_quietly(temp)
     _fsync_dir(path.parent)
+
+
+def open_owned(path: Path, flags: int, mode: int) -> int:
+    """`os.open(path, flags, mode)`, except that a file this call creates (`flags` has
+    O_CREAT) gets the directory's owner when we are root (see the module docstring).
+
+    The file is created exclusively first, so we know whether it is ours to hand over; an
+    existing file is opened without O_CREAT and keeps its owner. Returns the descriptor; raises
+    OSError like `os.open` (FileExistsError if `flags` has O_EXCL and the name exists).
+    """
+    if not flags & os.O_CREAT:
+        return os.open(path, flags)
+    for _ in range(_OPEN_ATTEMPTS):
+        try:
+            fd = os.open(path, flags | os.O_EXCL, mode)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            try:
+                return os.open(path, flags & ~os.O_CREAT)
+            except FileNotFoundError:
+                continue  # removed in between: create it after all
+        try:
+            _give_to_directory_owner(fd, path.parent)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        return fd
+    raise FileNotFoundError(errno.ENOENT, "kept disappearing while being opened", str(path))
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -116,6 +166,7 @@ def _write_temp(path: Path, data: bytes, mode: int) -> Path:
     try:
         # The umask may have removed bits from `mode`; set it exactly (still never wider).
         os.fchmod(fd, mode)
+        _give_to_directory_owner(fd, path.parent)
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
@@ -127,6 +178,19 @@ def _write_temp(path: Path, data: bytes, mode: int) -> Path:
         raise
     os.close(fd)
     return temp
+
+
+def _give_to_directory_owner(fd: int, directory: Path) -> None:
+    """As root, hand a file we just created to the owner of its directory, if that is not root.
+
+    Without root there is nothing to do (a file we create is ours, and the directory is one we
+    may write). The mode is left as it is: fchown by root clears only set-id bits.
+    """
+    if os.geteuid() != _ROOT_UID:
+        return
+    info = os.stat(directory)
+    if info.st_uid != _ROOT_UID:
+        os.fchown(fd, info.st_uid, info.st_gid)
 
 
 def _fsync_dir(directory: Path) -> None:

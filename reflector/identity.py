@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from reflector.endpoint_id import endpoint_id_from_public_key, public_key_fingerprint
 from reflector.errors import IdentityError, ReflectorError
-from reflector.fsutil import atomic_create, atomic_write, ensure_private_dir
+from reflector.fsutil import atomic_create, atomic_write, ensure_private_dir, open_owned
 
 __all__ = [
     "HISTORY_FILE_NAME",
@@ -287,7 +287,7 @@ def _append_history(
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        fd = os.open(history_path, flags, _HISTORY_FILE_MODE)
+        fd = open_owned(history_path, flags, _HISTORY_FILE_MODE)
         try:
             os.write(fd, line)
             os.fsync(fd)

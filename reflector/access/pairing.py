@@ -2,9 +2,10 @@
 
 `reflector pair --ttl 10m`, run on the endpoint host by someone who can write the state dir (that
 is the user-presence requirement), writes `pairing.json` holding only the SHA-256 of a fresh
-token and its expiry. The running server reads that file when an unknown peer presents a token,
-so no restart or IPC is needed. The token itself is printed once and never stored. Enrollment
-consumes the window (the file is removed), so a token works at most once.
+token and its expiry. Run as root, the file still belongs to the state dir's owner, the service
+user, who must read it (`fsutil`). The running server reads that file when an unknown peer
+presents a token, so no restart or IPC is needed. The token itself is printed once and never
+stored. Enrollment consumes the window (the file is removed), so a token works at most once.
 """
 
 from __future__ import annotations

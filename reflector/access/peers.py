@@ -2,9 +2,10 @@
 
 Two sources: `access.authorized_peers` in the config (read-only here) and an append-only log,
 `peers.jsonl` in the state dir, written by `reflector peers add|remove` and by pairing. The log is
-replayed to get the current set, so every change stays on record. The running server re-reads
-the log when its size or mtime changes (a cheap `stat` per request), so `peers remove` takes
-effect on live connections without a restart.
+replayed to get the current set, so every change stays on record. Created by root, it still
+belongs to the state dir's owner, the service user (`fsutil.open_owned`). The running server
+re-reads the log when its size or mtime changes (a cheap `stat` per request), so `peers remove`
+takes effect on live connections without a restart.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from reflector.endpoint_id import parse_id
 from reflector.errors import EndpointIdError, ReflectorError
+from reflector.fsutil import open_owned
 
 PEERS_FILE_NAME = "peers.jsonl"
 # The log only grows by operator action or pairing; a file this large is corruption or abuse.
@@ -93,7 +95,7 @@ class PeerStore:
     def _append(self, change: PeerChange) -> None:
         line = json.dumps(change.__dict__, sort_keys=True) + "\n"
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = open_owned(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise ReflectorError(f"{self.path}: cannot write peers: {exc.strerror}") from None
         try:

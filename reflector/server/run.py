@@ -1,15 +1,23 @@
 """`reflector serve`: assemble identity, audit, service and listener; run until a signal.
 
 Start-up order is the fail-closed order: identity (refuse a bad key), certificate, TLS context
-(refuse an unsafe ssl layout), audit (refuse a damaged log), then bind. Only when all of that
-worked is READY=1 sent to systemd; on SIGTERM/SIGINT everything is closed and the stop audited.
+(refuse an unsafe ssl layout), audit (refuse a damaged log), bind, then the service. Only when
+all of that worked is READY=1 sent to systemd; on SIGTERM/SIGINT everything is closed and the
+stop audited.
+
+The ports are bound before the service exists because creating the service settles the usage
+ledger (it ends, as interrupted, every test a predecessor left open). An address already in use
+is the usual sign that the endpoint is running already, with the same state dir: a second
+`reflector serve` must fail there, naming the address, before it touches that endpoint's ledger.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,12 +27,13 @@ from reflector.audit import AuditLog, open_audit_log
 from reflector.buildinfo import build_info
 from reflector.certificate import ensure_certificate_file
 from reflector.config import Config
+from reflector.errors import ReflectorError
 from reflector.fsutil import ensure_private_dir
 from reflector.identity import Identity, load_or_create_identity
 from reflector.server.dataplane import EndpointService
 from reflector.server.health_http import start_health_server
 from reflector.server.listener import Listener
-from reflector.server.service import Service, ServiceDeps
+from reflector.server.service import RefuseProtocol, Service, ServiceDeps
 from reflector.tls import server_context
 
 _log = logging.getLogger(__name__)
@@ -67,7 +76,11 @@ async def start(
     service_factory: Callable[[Config, Identity, AuditLog, ServiceDeps | None], Service]
     | None = None,
 ) -> Running:
-    """Start an endpoint on the running loop (used by `serve` and by tests)."""
+    """Start an endpoint on the running loop (used by `serve` and by tests).
+
+    Raises ReflectorError "cannot listen on ADDRESS: reason" if a port cannot be bound, with
+    everything opened so far closed again (see the module docstring for the order).
+    """
     identity, created = prepare_identity(config)
     cert_path = config.key_path.parent / "identity.crt"
     context = server_context(cert_path, config.key_path)
@@ -76,24 +89,88 @@ async def start(
     )
     if created:
         audit.emit("identity_created")
-    factory = service_factory or EndpointService
-    service = factory(config, identity, audit, deps or default_deps())
-    listener = Listener(config.network, context, service)
+    handler = _ServiceHandler()
+    listener = Listener(config.network, context, handler)
+    health_server: asyncio.Server | None = None
     try:
-        bound = await listener.start(addresses)
-    except OSError as exc:
-        audit.emit("service_stop", reason=f"cannot bind: {exc.strerror}")
+        bound = await _bind(listener, addresses or config.network.listen_address)
+        health_server = await _start_health(config.network.health_http_address)
+        factory = service_factory or EndpointService
+        service = factory(config, identity, audit, deps or default_deps())
+    except BaseException as exc:
+        await _close_listeners(listener, health_server)
+        audit.emit("service_stop", reason=str(exc) or type(exc).__name__)
         audit.close()
         raise
-    running = Running(config, identity, audit, service, listener, bound)
+    handler.service = service
+    running = Running(config, identity, audit, service, listener, bound, health_server)
     service.publish_status()
-    if config.network.health_http_address:
-        info = build_info()
-        running.health_server = await start_health_server(
-            config.network.health_http_address, lambda: meta.health(info)
-        )
     audit.emit("service_start", mode=config.network.mode, params={"listen": _fmt(bound)})
     return running
+
+
+class _ServiceHandler:
+    """The listener's handler: the service, once it exists.
+
+    The listener is bound before the service is created (module docstring); a connection that
+    completes its handshake in between is told to come back rather than served by nothing.
+    """
+
+    def __init__(self) -> None:
+        self.service: Service | None = None
+
+    def link_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol:
+        if self.service is None:
+            return RefuseProtocol("not_ready", "the endpoint is starting; try again")
+        return self.service.link_protocol(peer_id, source)
+
+    def tunnel_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol:
+        if self.service is None:
+            return RefuseProtocol("not_ready", "the endpoint is starting; try again")
+        return self.service.tunnel_protocol(peer_id, source)
+
+    def connection_denied(self, source: str, reason: str, peer_id: str | None) -> None:
+        if self.service is not None:
+            self.service.connection_denied(source, reason, peer_id)
+        else:
+            _log.info("connection from %s refused while starting: %s", source, reason)
+
+
+async def _bind(listener: Listener, addresses: list[str]) -> list[tuple[str, int]]:
+    """Bind the control port(s) one address at a time, so a failure names its address."""
+    bound: list[tuple[str, int]] = []
+    for address in addresses:
+        try:
+            bound.extend(await listener.start([address]))
+        except OSError as exc:
+            raise ReflectorError(f"cannot listen on {address}: {_os_reason(exc)}") from exc
+    return bound
+
+
+async def _start_health(address: str) -> asyncio.Server | None:
+    """The optional plain-HTTP health endpoint (network.health_http_address)."""
+    if not address:
+        return None
+    info = build_info()
+    try:
+        return await start_health_server(address, lambda: meta.health(info))
+    except OSError as exc:
+        raise ReflectorError(f"cannot listen on {address}: {_os_reason(exc)}") from exc
+
+
+async def _close_listeners(listener: Listener, health_server: asyncio.Server | None) -> None:
+    """Release every port a failed start had bound, so the caller may retry at once."""
+    if health_server is not None:
+        health_server.close()
+        await health_server.wait_closed()
+    await listener.close()
+
+
+def _os_reason(exc: OSError) -> str:
+    """The OS's own words ("Address already in use"), not asyncio's wrapped message."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        return exc.strerror or str(exc)
+    return os.strerror(exc.errno)
 
 
 def default_deps() -> ServiceDeps:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from reflector.link import encode_frame
 
@@ -140,3 +144,99 @@ def test_trace_decode_pretty_prints_frames_and_flags_a_truncated_one(tmp_path: P
     assert "truncated" in done.stdout.lower() or "incomplete" in done.stdout.lower()
     piped = cli("trace", "decode", "-", "--json", stdin=encode_frame(hello))
     assert json.loads(piped.stdout.splitlines()[0])["message"]["type"] == "hello"
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    config = tmp_path / "r.toml"
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        config.write_text(
+            f'[network]\nlisten_address = ["127.0.0.1:{port}"]\n[audit]\njournald = "off"\n'
+        )
+        done = cli("serve", "--config", str(config), "--state-dir", str(tmp_path / "s"))
+    assert done.returncode == 1
+    assert one_line_error(done) == (
+        f"reflector: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+def test_config_show_prints_the_effective_key_path(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    shown = cli("config", "show", "--state-dir", str(state)).stdout
+    assert f'private_key_path = "{state / "identity.ed25519"}"' in shown
+    assert 'private_key_path = ""' not in shown
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[service]\nstate_dir = ""', "service.state_dir: must be an absolute path, got ''"),
+        ('[iperf3]\npath = "iperf3"', "iperf3.path: must be an absolute path, got 'iperf3'"),
+    ],
+)
+def test_config_check_refuses_relative_paths_naming_the_key(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    bad = tmp_path / "reflector.toml"
+    bad.write_text(text + "\n")
+    done = cli("config", "check", str(bad))
+    assert done.returncode == 2
+    assert one_line_error(done).endswith(f"reflector.toml: {message}")
+
+
+# Three records around 05:00 UTC, the moment that is 10:00 at UTC+5.
+EXPORT_TRAIL = [
+    {"ts": "2026-01-01T04:59:59.999999Z", "reflector_event": "session_deny", "reason": "early"},
+    {"ts": "2026-01-01T05:00:00.000000Z", "reflector_event": "session_deny", "reason": "on"},
+    {"ts": "2026-01-01T06:00:00.000000Z", "reflector_event": "session_deny", "reason": "late"},
+]
+
+
+def export_reasons(state: Path, tz: str, *window: str) -> list[str]:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reflector",
+            "audit",
+            "export",
+            "--source",
+            "file",
+            *window,
+            "--state-dir",
+            str(state),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "TZ": tz},
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line)["reason"] for line in done.stdout.splitlines()]
+
+
+def test_audit_export_reads_times_without_a_zone_as_local_time(tmp_path: Path) -> None:
+    state = tmp_path / "s"
+    state.mkdir()
+    lines = (json.dumps(record) + "\n" for record in EXPORT_TRAIL)
+    (state / "audit.jsonl").write_text("".join(lines))
+    plus_five = "XYZ-5"  # POSIX TZ: local time is UTC+5 (the sign is inverted)
+    assert export_reasons(state, plus_five, "--since", "2026-01-01T10:00") == ["on", "late"]
+    window = ("--since", "2026-01-01T10:00", "--until", "2026-01-01T11:00")
+    assert export_reasons(state, plus_five, *window) == ["on"]
+    assert export_reasons(state, "UTC", "--since", "2026-01-01T10:00") == []
+    # An explicit zone is that instant, whatever the local time zone.
+    assert export_reasons(state, plus_five, "--since", "2026-01-01T05:00Z") == ["on", "late"]
+    assert export_reasons(state, "UTC", "--until", "2026-01-01T10:00+05:00") == ["early"]
+
+
+def test_audit_export_refuses_a_time_it_cannot_read(tmp_path: Path) -> None:
+    done = cli("audit", "export", "--source", "file", "--since", "yesterday")
+    assert done.returncode == 2
+    assert one_line_error(done) == (
+        "reflector: config error: --since: not an ISO 8601 time"
+        " (e.g. 2026-12-01T08:00 or 2026-12-01T08:00Z): 'yesterday'"
+    )

@@ -9,6 +9,7 @@ import pytest
 from reflector.config import (
     Config,
     config_to_toml,
+    effective_config,
     load_config,
     parse_address,
     parse_config_text,
@@ -115,6 +116,11 @@ def test_peer_ids_are_canonicalized() -> None:
         ("x = ", "not valid TOML"),
         ("[identity]\nprivate_key_path = 'k.key'", "private_key_path: must be an absolute path"),
         ("[identity]\nprivate_key_path = '/etc/k.key'", "must be in a directory of its own"),
+        ("[service]\nstate_dir = ''", "service.state_dir: must be an absolute path, got ''"),
+        ("[service]\nstate_dir = 'state'", "service.state_dir: must be an absolute path"),
+        ("[service]\nstate_dir = '/var/lib'", "service.state_dir: must be a directory of its own"),
+        ("[iperf3]\npath = ''", "iperf3.path: must be an absolute path, got ''"),
+        ("[iperf3]\npath = 'iperf3'", "iperf3.path: must be an absolute path, got 'iperf3'"),
     ],
 )
 def test_bad_config_names_the_key_and_the_reason(text: str, message: str) -> None:
@@ -149,6 +155,30 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 def test_state_dir_override_moves_the_key(tmp_path: Path) -> None:
     cfg = load_config(None, state_dir=tmp_path)
     assert cfg.key_path == tmp_path / "identity.ed25519"
+
+
+def test_a_relative_state_dir_override_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, state_dir=Path("state"))
+    assert cfg.state_dir == tmp_path / "state"
+    assert cfg.key_path == tmp_path / "state" / "identity.ed25519"
+
+
+def test_a_shared_system_directory_is_refused_as_state_dir_override() -> None:
+    with pytest.raises(ConfigError, match=r"^--state-dir: must be a directory of its own"):
+        load_config(None, state_dir=Path("/etc"))
+
+
+def test_the_effective_config_names_the_key_path_instead_of_an_empty_string() -> None:
+    derived = effective_config(parse_config_text('[service]\nstate_dir = "/srv/reflector"'))
+    assert derived.identity.private_key_path == "/srv/reflector/identity.ed25519"
+    assert 'private_key_path = "/srv/reflector/identity.ed25519"' in config_to_toml(derived)
+    explicit = parse_config_text('[identity]\nprivate_key_path = "/etc/reflector/keys/id.key"')
+    assert effective_config(explicit) == explicit
+    # Writing the derived path out changes nothing about what Reflector uses.
+    assert parse_config_text(config_to_toml(derived)).key_path == derived.key_path
 
 
 def test_show_round_trips_through_the_parser() -> None:

@@ -1,4 +1,5 @@
-"""File helpers: atomic replacement with exact modes, exclusive creation, private directories."""
+"""File helpers: atomic replacement with exact modes, exclusive creation, private directories,
+and files that root creates in another user's directory belonging to that user."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from reflector.errors import ReflectorError
-from reflector.fsutil import atomic_create, atomic_write, ensure_private_dir
+from reflector.fsutil import atomic_create, atomic_write, ensure_private_dir, open_owned
 
 # The conventional uid of "nobody"; any uid that owns nothing here would do.
 NOBODY_UID = 65534
@@ -241,3 +242,89 @@ def test_ensure_private_dir_reports_a_directory_it_cannot_write(shared_tmp: Path
         ensure_private_dir(foreign)
     assert str(caught.value) == f"cannot use directory {foreign}: permission denied"
     assert mode_of(foreign) in (0o755, 0o555)
+
+
+NOGROUP_GID = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="only root can create for others")
+
+
+def owner_of(path: Path) -> tuple[int, int]:
+    info = path.lstat()
+    return info.st_uid, info.st_gid
+
+
+@pytest.fixture
+def service_dir(tmp_path: Path) -> Path:
+    """A state dir as deployed: another user's (nobody:nogroup), 0700."""
+    path = tmp_path / "state"
+    path.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(path, NOBODY_UID, NOGROUP_GID)
+    return path
+
+
+@needs_root
+def test_as_root_atomic_writes_into_another_users_directory_belong_to_that_user(
+    service_dir: Path,
+) -> None:
+    atomic_write(service_dir / "pairing.json", b"{}", 0o600)
+    atomic_create(service_dir / "identity.ed25519", b"key", 0o600)
+    for name in ("pairing.json", "identity.ed25519"):
+        assert owner_of(service_dir / name) == (NOBODY_UID, NOGROUP_GID)
+        assert mode_of(service_dir / name) == 0o600
+    assert sorted(p.name for p in service_dir.iterdir()) == ["identity.ed25519", "pairing.json"]
+
+
+@needs_root
+def test_as_root_replacing_a_file_of_the_directory_owner_keeps_it_theirs(
+    service_dir: Path,
+) -> None:
+    target = service_dir / "identity.ed25519"
+    atomic_write(target, b"old", 0o600)
+    atomic_write(target, b"new", 0o600)
+    assert owner_of(target) == (NOBODY_UID, NOGROUP_GID)
+
+
+@needs_root
+def test_in_roots_own_directory_files_stay_roots(tmp_path: Path) -> None:
+    atomic_write(tmp_path / "a", b"x", 0o600)
+    os.close(open_owned(tmp_path / "b", os.O_WRONLY | os.O_CREAT, 0o600))
+    assert owner_of(tmp_path / "a") == (0, 0)
+    assert owner_of(tmp_path / "b") == (0, 0)
+
+
+@needs_root
+def test_open_owned_hands_over_a_file_it_creates_and_appends_to_an_existing_one(
+    service_dir: Path,
+) -> None:
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    for line in (b"one\n", b"two\n"):
+        fd = open_owned(service_dir / "peers.jsonl", flags, 0o600)
+        os.write(fd, line)
+        os.close(fd)
+    assert (service_dir / "peers.jsonl").read_bytes() == b"one\ntwo\n"
+    assert owner_of(service_dir / "peers.jsonl") == (NOBODY_UID, NOGROUP_GID)
+    assert mode_of(service_dir / "peers.jsonl") == 0o600
+
+
+@needs_root
+def test_open_owned_never_gives_away_a_file_that_already_existed(service_dir: Path) -> None:
+    # Chowning an existing name would hand over whatever a hard link planted there points to.
+    existing = service_dir / "audit.jsonl"
+    existing.write_bytes(b"")
+    os.chown(existing, 0, 0)
+    os.close(open_owned(existing, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+    assert owner_of(existing) == (0, 0)
+
+
+def test_open_owned_keeps_os_open_errors(tmp_path: Path) -> None:
+    present = tmp_path / "present"
+    present.write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        open_owned(present, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with pytest.raises(FileNotFoundError):
+        open_owned(tmp_path / "absent", os.O_WRONLY, 0o600)
+    link = tmp_path / "link"
+    link.symlink_to(present)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        open_owned(link, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
