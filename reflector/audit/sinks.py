@@ -56,6 +56,7 @@ from reflector.audit.events import (
     to_record,
 )
 from reflector.errors import ConfigError, ReflectorError
+from reflector.fsutil import open_owned
 
 __all__ = [
     "AUDIT_FILE_NAME",
@@ -183,7 +184,9 @@ class JsonlSink:
 
 def _open_audit_file(path: Path) -> int:
     try:
-        fd = os.open(path, _OPEN_FLAGS, AUDIT_FILE_MODE)
+        # Created by root (a CLI command before the service ever ran), it still belongs to
+        # the state dir's owner, so the service can append to it.
+        fd = open_owned(path, _OPEN_FLAGS, AUDIT_FILE_MODE)
     except OSError as exc:
         raise ReflectorError(f"cannot open audit log {path}: {exc.strerror or exc}") from exc
     info = os.fstat(fd)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Final, Protocol
 
 from reflector.errors import ReflectorError
-from reflector.fsutil import ensure_private_dir
+from reflector.fsutil import ensure_private_dir, open_owned
 from reflector.sessions.clock import Instant, age_seconds
 
 __all__ = [
@@ -281,7 +281,7 @@ def _create_private_file(path: Path) -> None:
     """Create the database file owner-only before sqlite touches it (sqlite would use the
     umask), or tighten an existing one; sqlite gives its -wal and -shm files the same mode."""
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
-    fd = os.open(path, flags, DB_FILE_MODE)
+    fd = open_owned(path, flags, DB_FILE_MODE)  # root-created: still the state dir owner's
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

@@ -140,3 +140,14 @@ def test_the_service_user_can_read_what_root_wrote(state: Path) -> None:
         "identity": new_id,
         "audit_ok": True,
     }
+
+
+def test_the_service_starts_after_root_ran_the_first_command_ever(state: Path) -> None:
+    """Root's `peers add` on a state dir the service has never used (so root creates the key,
+    the audit file and all); the service user then opens everything it needs."""
+    config = state.parent / "reflector.toml"
+    config.write_text('[audit]\njournald = "off"\n')
+    done = as_root("peers", "add", APPLIANCE, "--config", str(config), "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    assert {n: o for n, o in owners(state).items() if o != (NOBODY_UID, NOGROUP_GID)} == {}
+    service_has_run(state)  # as nobody: the key, the audit file, the ledger
