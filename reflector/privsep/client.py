@@ -32,12 +32,14 @@ from reflector.privsep.protocol import (
     EngineLimits,
     EngineStarted,
     EngineStopped,
+    FirewallReady,
     FirewallUnavailable,
     FrameReader,
     HoleClosed,
     HoleOpened,
     HoleTotals,
     OpenHole,
+    PrepareFirewall,
     PrivsepError,
     ProtocolError,
     Refused,
@@ -100,6 +102,10 @@ class EngineHost(Protocol):
 
     async def close_hole(self, test_id: str) -> HoleTotals | None: ...
 
+    async def prepare_firewall(self) -> None:
+        """Direct mode: ensure Reflector's table is in place, or raise FirewallUnavailable."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -161,6 +167,10 @@ class PrivsepClient:
         response, _ = await self._call(CloseHole(test_id=test_id))
         assert isinstance(response, HoleClosed)
         return response.totals()
+
+    async def prepare_firewall(self) -> None:
+        response, _ = await self._call(PrepareFirewall())
+        assert isinstance(response, FirewallReady)
 
     async def close(self) -> None:
         """Nothing to release: each request has its own connection."""

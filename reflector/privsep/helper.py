@@ -42,6 +42,7 @@ from reflector.privsep.protocol import (
     EngineStarted,
     FrameReader,
     OpenHole,
+    PrepareFirewall,
     ProtocolError,
     Refused,
     Request,
@@ -293,6 +294,7 @@ class _Server:
             StopEngine: self._no_fds(self.supervisor.stop),
             OpenHole: self._no_fds(self.supervisor.open_hole),
             CloseHole: self._no_fds(self.supervisor.close_hole),
+            PrepareFirewall: self._no_fds(self.supervisor.prepare),
         }
 
     @staticmethod
@@ -337,7 +339,8 @@ class _Server:
         if isinstance(response, Refused):
             _log.info("refused %s from pid %d: %s", request.TYPE, pid, response.message)
         elif not isinstance(response, EngineStarted):
-            _log.info("%s for test %s from pid %d: done", request.TYPE, request.test_id, pid)
+            test = getattr(request, "test_id", "-")
+            _log.info("%s for test %s from pid %d: done", request.TYPE, test, pid)
         return response, fds
 
 

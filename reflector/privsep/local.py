@@ -44,6 +44,7 @@ from reflector.privsep.protocol import (
     EngineStarted,
     HoleTotals,
     OpenHole,
+    PrepareFirewall,
     Refused,
     StartEngine,
     StopEngine,
@@ -312,6 +313,11 @@ class LocalEngineHost:
         if isinstance(response, Refused):
             raise response.error()
         return response.totals()
+
+    async def prepare_firewall(self) -> None:
+        response = await self._supervisor.prepare(PrepareFirewall())
+        if isinstance(response, Refused):
+            raise response.error()
 
     async def close(self) -> None:
         """Stop every engine and close every hole (at shutdown)."""

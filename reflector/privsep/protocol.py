@@ -47,6 +47,7 @@ __all__ = [
     "EngineLimits",
     "EngineStarted",
     "EngineStopped",
+    "FirewallReady",
     "FirewallUnavailable",
     "FrameReader",
     "HelperPolicy",
@@ -54,6 +55,7 @@ __all__ = [
     "HoleOpened",
     "HoleTotals",
     "OpenHole",
+    "PrepareFirewall",
     "PrivsepError",
     "ProtocolError",
     "Refused",
@@ -224,7 +226,18 @@ class CloseHole:
     test_id: str
 
 
-Request = StartEngine | StopEngine | OpenHole | CloseHole
+@dataclass(frozen=True, kw_only=True)
+class PrepareFirewall:
+    """Direct mode: make sure Reflector's own table is in place (idempotent, no arguments).
+
+    The parent asks once at start-up and tells systemd it is ready only after `firewall_ready`,
+    so a direct-mode endpoint never runs without the drop rule over its data ports.
+    """
+
+    TYPE: ClassVar[str] = "prepare_firewall"
+
+
+Request = StartEngine | StopEngine | OpenHole | CloseHole | PrepareFirewall
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -321,7 +334,14 @@ class Refused:
         return PrivsepError(self.code, self.message)
 
 
-Response = EngineStarted | EngineStopped | HoleOpened | HoleClosed | Refused
+@dataclass(frozen=True, kw_only=True)
+class FirewallReady:
+    """Reflector's table is in place (its data ports closed but for holes)."""
+
+    TYPE: ClassVar[str] = "firewall_ready"
+
+
+Response = EngineStarted | EngineStopped | HoleOpened | HoleClosed | FirewallReady | Refused
 
 
 # What the parent works with (the same shape whether the helper or the local fallback runs it).
@@ -495,6 +515,7 @@ REQUESTS: Final[Mapping[str, tuple[type[Any], Mapping[str, _Check]]]] = {
         },
     ),
     "close_hole": (CloseHole, {"test_id": _TEST_ID}),
+    "prepare_firewall": (PrepareFirewall, {}),
 }
 
 RESPONSES: Final[Mapping[str, tuple[type[Any], Mapping[str, _Check]]]] = {
@@ -529,6 +550,7 @@ RESPONSES: Final[Mapping[str, tuple[type[Any], Mapping[str, _Check]]]] = {
             "expired": _opt_int(0, 64),
         },
     ),
+    "firewall_ready": (FirewallReady, {}),
     "refused": (Refused, {"code": _choice(*REFUSAL_CODES), "message": _text(MAX_MESSAGE_LEN)}),
 }
 
@@ -711,6 +733,8 @@ class HelperPolicy:
             return self._check_start(request, running)
         if isinstance(request, OpenHole):
             return self._check_hole(request)
+        if isinstance(request, PrepareFirewall) and self.mode != "direct_ephemeral":
+            return Refused(code="not_permitted", message="the table exists only in direct mode")
         return None  # stop/close only name a test; the helper looks it up
 
     def _check_start(self, req: StartEngine, running: Mapping[str, int]) -> Refused | None:

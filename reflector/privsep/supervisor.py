@@ -28,10 +28,12 @@ from reflector.privsep.protocol import (
     CloseHole,
     EngineStarted,
     EngineStopped,
+    FirewallReady,
     HelperPolicy,
     HoleClosed,
     HoleOpened,
     OpenHole,
+    PrepareFirewall,
     Refused,
     StartEngine,
     StopEngine,
@@ -303,6 +305,16 @@ class EngineSupervisor:
             await self.close_hole(CloseHole(test_id=test_id))
 
     # --- holes
+
+    async def prepare(self, req: PrepareFirewall) -> FirewallReady | Refused:
+        """Install Reflector's table if it is not in place; a failed earlier try is retried."""
+        refusal = self.policy.check(req, running=self.running_by_kind())
+        if refusal is not None:
+            return refusal
+        if isinstance(self._firewall, str):
+            self._firewall = None  # nftables may have become available since
+        firewall = self._firewall_or_refusal()
+        return firewall if isinstance(firewall, Refused) else FirewallReady()
 
     def _firewall_or_refusal(self) -> Firewall | Refused:
         if self._firewall is None:

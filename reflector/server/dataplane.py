@@ -30,6 +30,7 @@ from reflector.config import Config
 from reflector.engines.iperf import EngineError
 from reflector.engines.throughput_result import grant_mismatches
 from reflector.engines.udp_echo import UdpEchoReflector, normalize_ip
+from reflector.errors import ReflectorError
 from reflector.firewall import hole_ttl_s
 from reflector.fsutil import atomic_write
 from reflector.identity import Identity
@@ -169,6 +170,21 @@ class EndpointService(Service):
         self._timer: asyncio.TimerHandle | None = None
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._finishing: set[asyncio.Task[None]] = set()
+
+    async def prepare(self) -> None:
+        """Before READY=1: in direct mode, Reflector's nftables table must be in place.
+
+        Raises ReflectorError with the reason otherwise, so a direct-mode endpoint never serves
+        (or tells systemd it is ready) without the drop rule over its data ports.
+        """
+        if self.config.network.mode != "direct_ephemeral":
+            return
+        try:
+            await self.engine_host.prepare_firewall()
+        except PrivsepError as exc:
+            raise ReflectorError(
+                f"direct mode needs Reflector's nftables table, which cannot be set up: {exc}"
+            ) from None
 
     # --- control-plane hooks
 

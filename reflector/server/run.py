@@ -1,8 +1,9 @@
 """`reflector serve`: assemble identity, audit, service and listener; run until a signal.
 
 Start-up order is the fail-closed order: identity (refuse a bad key), certificate, TLS context
-(refuse an unsafe ssl layout), audit (refuse a damaged log), bind, then the service. Only when
-all of that worked is READY=1 sent to systemd; on SIGTERM/SIGINT everything is closed and the
+(refuse an unsafe ssl layout), audit (refuse a damaged log), bind, the service, and in direct
+mode Reflector's nftables table (through the helper). Only when all of that worked is READY=1
+sent to systemd; on SIGTERM/SIGINT everything is closed and the
 stop audited.
 
 The ports are bound before the service exists because creating the service settles the usage
@@ -99,6 +100,14 @@ async def start(
         service = factory(config, identity, audit, deps or default_deps())
     except BaseException as exc:
         await _close_listeners(listener, health_server)
+        audit.emit("service_stop", reason=str(exc) or type(exc).__name__)
+        audit.close()
+        raise
+    try:
+        await service.prepare()  # direct mode: Reflector's nftables table, before READY
+    except BaseException as exc:
+        await _close_listeners(listener, health_server)
+        await service.close()
         audit.emit("service_stop", reason=str(exc) or type(exc).__name__)
         audit.close()
         raise

@@ -108,6 +108,9 @@ class Service:
         # Called with a one-line status whenever it changes (systemd STATUS=).
         self.on_status: Callable[[str], None] | None = None
 
+    async def prepare(self) -> None:
+        """What must be in place before the endpoint says it is ready (the data plane adds)."""
+
     # --- ConnectionHandler (listener)
 
     def link_protocol(self, peer_id: str, source: tuple[str, int]) -> LinkProtocol:

@@ -410,11 +410,31 @@ def direct_scenario(state: str) -> None:
             udp = measure.ThroughputOptions(duration_sec=1, udp=True, bitrate_bps=10_000_000)
             doc = await measure.throughput(client, app, udp)
             assert doc["endpoint"]["endpoint"]["udp"] is not None
-            await client.close()
             kinds = [e["reflector_event"] for e in audit(ep)]
             assert kinds.count("hole_open") == 3 and kinds.count("hole_close") == 3
+            await client.close()
         # A clean stop leaves no hole: the table stays and keeps the data range closed.
         assert "elements" not in holes()
+        async with endpoint(tmp / "ep", '[network]\nmode = "direct_ephemeral"\n') as ep:
+            # The firewall breaks while the endpoint runs (here: someone deletes its table).
+            # Firewall first: the refusal comes before any engine binds the public port.
+            client = await paired_client(ep, tmp)
+            engine_starts: list[str] = []
+            start_engine = ep.service._start_engine
+
+            async def watched(link: Any, session: Any) -> Any:
+                engine_starts.append(session.session_id)
+                return await start_engine(link, session)
+
+            ep.service._start_engine = watched  # type: ignore[method-assign]
+            sp.run(["nft", "delete", "table", "inet", "reflector"], check=True)
+            for params in (tcp(2), echo(2)):
+                kind = "throughput" if isinstance(params, ThroughputParams) else "udp_echo"
+                with pytest.raises(RemoteError) as err:
+                    await client.call(SessionRequest(test_type=kind, params=params), SessionGrant)
+                assert err.value.code == "firewall_unavailable"
+            assert engine_starts == [] and iperf_servers() == []
+            await client.close()
 
     run(body())
 
@@ -446,39 +466,37 @@ def test_direct_mode_opens_a_hole_per_session_in_a_private_namespace(tmp_path: P
 
 
 def no_firewall_scenario(state: str) -> None:
-    """Run without CAP_NET_ADMIN (see the test): nftables refuses us, so direct mode must too."""
+    """Run without CAP_NET_ADMIN (see the test): nftables refuses us, so direct mode must too.
+
+    The endpoint does not start (so it never tells systemd it is ready): a direct-mode
+    endpoint without its drop rule over the data ports would be open wider than configured.
+    Nothing is left listening and the audit trail says why it stopped.
+    """
+    import socket as sock
 
     async def body() -> None:
         tmp = Path(state)
-        async with endpoint(tmp / "ep", '[network]\nmode = "direct_ephemeral"\n') as ep:
-            # Watch the one door to every engine (iperf3 and the echo): firewall first means
-            # it is never even knocked on, so no port is reachable for a single moment.
-            engine_starts: list[str] = []
-            start_engine = ep.service._start_engine
-
-            async def watched(link: Any, session: Any) -> Any:
-                engine_starts.append(session.session_id)
-                return await start_engine(link, session)
-
-            ep.service._start_engine = watched  # type: ignore[method-assign]
-            client = await paired_client(ep, tmp)
-            for params in (tcp(2), echo(2)):
-                kind = "throughput" if isinstance(params, ThroughputParams) else "udp_echo"
-                with pytest.raises(RemoteError) as err:
-                    await client.call(SessionRequest(test_type=kind, params=params), SessionGrant)
-                assert err.value.code == "firewall_unavailable"
-            assert engine_starts == []
-            assert iperf_servers() == []
-            await client.close()
-            denies = [e["reason"] for e in events(ep, "session_deny")]
-            assert denies == ["firewall_unavailable", "firewall_unavailable"]
+        ep_dir = tmp / "ep"
+        text = BASE + '[network]\nmode = "direct_ephemeral"\nlisten_address = ["127.0.0.1:4711"]\n'
+        with pytest.raises(ReflectorError, match="direct mode needs Reflector's nftables table"):
+            async with endpoint_with(ep_dir, text):
+                pass
+        assert iperf_servers() == []
+        with pytest.raises(ConnectionRefusedError):
+            sock.create_connection(("127.0.0.1", 4711), timeout=2).close()
+        stops = [
+            json.loads(line)
+            for line in (ep_dir / "audit.jsonl").read_text().splitlines()
+            if '"service_stop"' in line
+        ]
+        assert stops and "nftables" in stops[-1]["reason"]
 
     run(body())
 
 
 @pytest.mark.system
 def test_direct_mode_without_nftables_refuses_and_opens_nothing(tmp_path: Path) -> None:
-    """A real failure, not a simulated one: the endpoint runs without CAP_NET_ADMIN."""
+    """A real failure, not a simulated one: the endpoint starts without CAP_NET_ADMIN."""
     import subprocess as sp
     import sys
 

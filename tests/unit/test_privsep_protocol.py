@@ -18,11 +18,13 @@ from reflector.privsep.protocol import (
     EngineLimits,
     EngineStarted,
     EngineStopped,
+    FirewallReady,
     FrameReader,
     HelperPolicy,
     HoleClosed,
     HoleOpened,
     OpenHole,
+    PrepareFirewall,
     PrivsepError,
     ProtocolError,
     Refused,
@@ -115,8 +117,27 @@ def roundtrip(message: Any) -> Any:
 # --- The table
 
 
-def test_the_interface_is_exactly_four_requests() -> None:
-    assert set(REQUESTS) == {"start_engine", "stop_engine", "open_hole", "close_hole"}
+def test_the_interface_is_exactly_five_requests() -> None:
+    """The four the issue names, and the read-mostly, argument-free prepare_firewall."""
+    assert set(REQUESTS) == {
+        "start_engine",
+        "stop_engine",
+        "open_hole",
+        "close_hole",
+        "prepare_firewall",
+    }
+
+
+def test_prepare_firewall_takes_no_arguments_and_only_in_direct_mode() -> None:
+    with pytest.raises(ProtocolError, match="unknown field"):
+        decode_request({"type": "prepare_firewall", "table": "filter"})
+    request = decode_request({"type": "prepare_firewall"})
+    assert request == PrepareFirewall()
+    tunneled = HelperPolicy.from_config(parse_config_text(""))
+    refusal = tunneled.check(request, running={})
+    assert refusal is not None and refusal.code == "not_permitted"
+    direct = HelperPolicy.from_config(parse_config_text('[network]\nmode = "direct_ephemeral"\n'))
+    assert direct.check(request, running={}) is None
 
 
 @pytest.mark.parametrize(
@@ -135,6 +156,7 @@ def test_the_interface_is_exactly_four_requests() -> None:
         StopEngine(test_id="t1"),
         OpenHole(test_id="t1", peer_addr="203.0.113.5", proto="udp", port=5205, ttl_s=30),
         CloseHole(test_id="t1"),
+        PrepareFirewall(),
     ],
 )
 def test_every_request_survives_the_wire(message: Any) -> None:
@@ -161,6 +183,7 @@ def test_every_request_survives_the_wire(message: Any) -> None:
         ),
         HoleOpened(test_id="t1"),
         HoleClosed(test_id="t1", packets=3, bytes=300, expired=0),
+        FirewallReady(),
         Refused(code="busy", message="1 iperf3 engine(s) already running"),
     ],
 )
