@@ -158,6 +158,10 @@ class PrivsepConfig:
     # Without a socket here, engines run as local child processes (the documented fallback).
     helper_socket: str = field(default="/run/reflector/privd.sock", metadata={"check": "abspath"})
     engine_user: str = field(default="reflector-engine", metadata={"check": "username"})
+    # Under systemd (the service) a missing helper socket refuses tests rather than run engines
+    # as the service's own children without scopes, a separate uid or nftables. True allows
+    # that fallback there too (a host without the helper, knowingly).
+    allow_local_engines: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -43,6 +43,7 @@ EngineErrorCode = Literal[
     "iperf3_bad_output",  # stdout was not JSON, or too large
     "port_unavailable",  # the data port was already in use
     "iperf3_error",  # iperf3 reported an error, or its JSON was not the expected shape
+    "engine_unavailable",  # no engine host to run it (the helper is not running)
 ]
 Protocol = Literal["tcp", "udp"]
 Direction = Literal["upload", "download"]

@@ -11,7 +11,9 @@ SECURITY.md describes the boundary.
 
 from reflector.privsep.client import (
     DEFAULT_HELPER_SOCKET,
+    HELPER_UNAVAILABLE,
     EngineHost,
+    HelperMissing,
     PrivsepClient,
     open_reader,
     select_engine_host,
@@ -27,11 +29,13 @@ from reflector.privsep.protocol import (
 
 __all__ = [
     "DEFAULT_HELPER_SOCKET",
+    "HELPER_UNAVAILABLE",
     "EngineExit",
     "EngineHandle",
     "EngineHost",
     "EngineLimits",
     "FirewallUnavailable",
+    "HelperMissing",
     "LocalEngineHost",
     "PrivsepClient",
     "PrivsepError",

@@ -76,6 +76,10 @@ CALL_TIMEOUT_S: Final = 30.0
 READER_LIMIT: Final = 16 * 1024 * 1024
 
 
+# PrivsepError code: no helper to ask (see HelperMissing).
+HELPER_UNAVAILABLE = "helper_unavailable"
+
+
 class EngineHost(Protocol):
     """Runs test engines and opens firewall holes for the parent."""
 
@@ -231,14 +235,60 @@ async def open_reader(fd: int, *, limit: int = READER_LIMIT) -> asyncio.StreamRe
     return reader
 
 
+class HelperMissing:
+    """`EngineHost` for a service whose helper socket is missing: every test is refused.
+
+    Under systemd the helper is how engines run (scopes, a separate uid, nftables); running
+    them as the service's own children there would drop those protections without anyone
+    noticing. Fail closed, and say what to start.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.name = f"none: the privileged helper's socket {path} is missing"
+        self._why = (
+            f"the privileged helper is not running (no socket at {path}); start"
+            " reflector-privd.socket, or set privsep.allow_local_engines = true"
+        )
+
+    async def start_engine(self, **_: object) -> EngineHandle:
+        raise PrivsepError(HELPER_UNAVAILABLE, self._why)
+
+    async def stop_engine(self, test_id: str) -> EngineExit:
+        raise PrivsepError(HELPER_UNAVAILABLE, self._why)
+
+    async def open_hole(self, **_: object) -> None:
+        raise FirewallUnavailable(self._why)
+
+    async def close_hole(self, test_id: str) -> HoleTotals | None:
+        raise FirewallUnavailable(self._why)
+
+    async def prepare_firewall(self) -> None:
+        raise FirewallUnavailable(self._why)
+
+    async def close(self) -> None:
+        """Nothing was started."""
+
+
+def under_systemd() -> bool:
+    """Whether systemd started this process as (part of) a unit: it sets INVOCATION_ID."""
+    return bool(os.environ.get("INVOCATION_ID"))
+
+
 def select_engine_host(config: Config) -> EngineHost:
-    """The helper when its socket exists, else the local fallback; logs which one runs."""
+    """The helper when its socket exists, else the local fallback; logs which one runs.
+
+    Under systemd without the helper, the local fallback only with privsep.allow_local_engines;
+    otherwise `HelperMissing` refuses every test (see there).
+    """
     section = getattr(config, "privsep", None)
     path = Path(str(getattr(section, "helper_socket", DEFAULT_HELPER_SOCKET)))
     host: EngineHost
     if path.is_socket():
         host = PrivsepClient(path)
         _log.info("engines: %s", host.name)
+    elif under_systemd() and not getattr(section, "allow_local_engines", False):
+        host = HelperMissing(path)
+        _log.error("engines: %s; throughput tests and direct mode are refused", host.name)
     else:
         host = LocalEngineHost(config)
         _log.warning(

@@ -15,7 +15,14 @@ from typing import Any
 
 from reflector.engines.iperf import MAX_OUTPUT_BYTES, EngineError
 from reflector.engines.throughput_result import ThroughputResult, normalize_iperf3
-from reflector.privsep import EngineExit, EngineHost, EngineLimits, PrivsepError, open_reader
+from reflector.privsep import (
+    HELPER_UNAVAILABLE,
+    EngineExit,
+    EngineHost,
+    EngineLimits,
+    PrivsepError,
+    open_reader,
+)
 
 # iperf3's stderr is only read for a one-line reason; more is noise.
 MAX_STDERR_BYTES = 64 * 1024
@@ -69,6 +76,8 @@ class HostedIperf:
                 **self._start_args,  # type: ignore[arg-type]
             )
         except PrivsepError as exc:
+            if exc.code == HELPER_UNAVAILABLE:
+                raise EngineError("engine_unavailable", exc.message) from None
             if "port" in exc.code:
                 raise EngineError("port_unavailable", f"engine host refused: {exc}") from None
             raise EngineError("iperf3_failed", f"engine host refused: {exc}") from None

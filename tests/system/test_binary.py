@@ -230,6 +230,10 @@ printf '%s\n' '[service]' 'state_dir = "/tmp/s"' '[network]' \
   'journald = "off"' > /tmp/direct.toml
 timeout 8 $R serve --config /tmp/direct.toml
 echo "serve exit $?"
+printf '%s\n' '[service]' 'state_dir = "/tmp/s"' '[network]' \
+  'listen_address = "127.0.0.1:4001"' '[audit]' 'journald = "off"' > /tmp/tunneled.toml
+timeout 4 $R serve --config /tmp/tunneled.toml >/tmp/tunneled.log 2>&1
+echo "tunneled serve exit $?"
 """
 
 
@@ -237,12 +241,14 @@ def test_single_binary_without_libsystemd_or_libnftables_degrades_clearly(
     clean_root: Path,
 ) -> None:
     """The host libraries are optional: journald support is bundled; without libnftables,
-    direct mode names the missing library and refuses sessions (the endpoint still serves)."""
+    direct mode names the missing library and does not start (it would otherwise run without
+    the drop rule over its data ports); tunneled mode needs neither library."""
     done = run_in_container(clean_root, DEGRADED)
     transcript = f"--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-4000:]}"
     assert done.returncode == 0, transcript
     assert "journal export ok" in done.stdout, transcript
-    assert "Listening on 127.0.0.1:4000" in done.stdout, transcript
-    assert "serve exit 124" in done.stdout, transcript  # still serving when `timeout` ended it
-    assert "nftables is unavailable" in done.stderr, transcript
+    assert "serve exit 1\n" in done.stdout, transcript  # refused to start, one clear line
+    assert "direct mode needs Reflector's nftables table" in done.stderr, transcript
     assert "libnftables.so.1" in done.stderr, transcript
+    assert "Traceback" not in done.stderr, transcript
+    assert "tunneled serve exit 124" in done.stdout, transcript  # still serving at the timeout

@@ -797,3 +797,31 @@ def test_a_peer_over_its_daily_bytes_is_refused_until_they_age_out(tmp_path: Pat
             assert [e["reason"] for e in events(ep, "session_deny")] == ["daily_bytes_quota"]
 
     run(body())
+
+
+def test_a_service_without_its_helper_refuses_throughput_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd (INVOCATION_ID) with no helper socket: no engines as the service's own
+    children; the latency test (built into the parent) still works."""
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    missing = tmp_path / "privd.sock"
+
+    async def body() -> None:
+        text = BASE + f'[privsep]\nhelper_socket = "{missing}"\n'
+        async with endpoint_with(tmp_path / "ep", text) as ep:
+            client = await paired_client(ep, tmp_path)
+            with pytest.raises(RemoteError) as err:
+                await client.call(
+                    SessionRequest(test_type="throughput", params=tcp(2)), SessionGrant
+                )
+            assert err.value.code == "engine_unavailable"
+            assert "reflector-privd.socket" in err.value.remote_message
+            assert iperf_servers() == []
+            doc = await measure.latency(client, duration_sec=1)
+            assert doc["latency"]["received"] > 0
+            await client.close()
+            (denied,) = events(ep, "session_deny")
+            assert denied["reason"] == "engine_unavailable"
+
+    run(body())

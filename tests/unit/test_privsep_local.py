@@ -25,10 +25,13 @@ from reflector.config import Config, parse_config_text
 from reflector.engines.iperf import run_client
 from reflector.privsep import (
     EngineLimits,
+    FirewallUnavailable,
+    HelperMissing,
     LocalEngineHost,
     PrivsepClient,
     PrivsepError,
     open_reader,
+    select_engine_host,
 )
 from reflector.privsep.helper import serve_helper
 from reflector.privsep.local import LocalLauncher, Rlimits, rlimits_for, spawn_limited
@@ -401,3 +404,37 @@ async def _the_helper_refuses_oversized_and_unknown_frames_body(tmp_path: Path) 
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+# --- which engine host runs
+
+
+def test_the_engine_host_is_the_helper_else_local_except_under_systemd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "privd.sock"
+    text = f'[privsep]\nhelper_socket = "{missing}"\n'
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    assert isinstance(select_engine_host(parse_config_text(text)), LocalEngineHost)  # a laptop
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")  # a unit
+    assert isinstance(select_engine_host(parse_config_text(text)), HelperMissing)
+    allowed = text + "allow_local_engines = true\n"
+    assert isinstance(select_engine_host(parse_config_text(allowed)), LocalEngineHost)
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(missing))
+        assert isinstance(select_engine_host(parse_config_text(text)), PrivsepClient)
+
+
+def test_a_service_without_its_helper_refuses_tests_and_says_what_to_start(
+    tmp_path: Path,
+) -> None:
+    host = HelperMissing(tmp_path / "privd.sock")
+
+    async def body() -> None:
+        with pytest.raises(PrivsepError, match=r"start reflector-privd\.socket") as err:
+            await host.start_engine(test_id="t", kind="iperf3", port=BASE + 1)
+        assert err.value.code == "helper_unavailable"
+        with pytest.raises(FirewallUnavailable):
+            await host.prepare_firewall()
+
+    asyncio.run(body())
