@@ -79,7 +79,7 @@ def test_format_manifest_round_trips() -> None:
         (b"[]", "must be a JSON object"),
         (b'{"format": "x", "format": "y"}', "repeats the key 'format'"),
         (manifest(format="reflector-release/2"), "format 'reflector-release/2'"),
-        (manifest(extra=1), "unknown keys extra"),
+        (manifest(extra=1), "unknown keys 'extra'"),
         (manifest(version=2), "version must be a string"),
         (manifest(version="v0.2"), "is not X.Y.Z"),
         (manifest(artifacts=[]), "non-empty list"),
