@@ -256,11 +256,14 @@ def test_processing_time_is_small_and_non_negative(reflector: UdpEchoReflector) 
     _add(reflector, max_pps=MAX_PPS)
     with _client(reflector) as sock:
         for seq in range(20):
+            sent = time.monotonic_ns()
             sock.send(_probe(seq))
             reply = stamp.decode_reflector(sock.recv(2048), KEY)
+            round_trip_ns = time.monotonic_ns() - sent
             processing_ns = stamp.ntp_delta_ns(reply.timestamp, reply.receive_timestamp)
-            # Kernel receive time to send time; 50 ms only fails if something is badly wrong.
-            assert 0 <= processing_ns < 50_000_000
+            # Kernel receive time to send time: inside the client's own round trip (plus 1 ms
+            # for the NTP format's rounding and clock slew), however loaded the machine is.
+            assert 0 <= processing_ns <= round_trip_ns + 1_000_000
 
 
 def test_bad_hmac_is_ignored(reflector: UdpEchoReflector) -> None:
