@@ -30,7 +30,9 @@ SUITE=bookworm
 #   pip module imports pkg_resources), acl (become_user to an unprivileged user);
 # - what every Debian server has and minbase lacks: netbase (/etc/services: nft resolves
 #   service names such as dhcpv6-client through it);
-# - what the tests run inside the machines: iproute2, procps, python3 (the port scan);
+# - what the tests run inside the machines: iproute2, procps, python3 (the port scan, the
+#   closed-port probes); iputils-ping, traceroute and mtr-tiny (the trace-target tests run
+#   Debian's own tools from the appliance, as a PacketParamedic appliance does);
 # - libnss-myhostname: the machine's own name always resolves (sudo looks it up, and with no
 #   DNS on the private network every sudo would otherwise wait for a resolver timeout).
 PACKAGES=(
@@ -38,6 +40,7 @@ PACKAGES=(
   libnss-myhostname netbase
   python3 python3-venv python3-apt python3-setuptools acl
   iperf3 nftables libnftables1 libsystemd0 minisign
+  iputils-ping traceroute mtr-tiny
 )
 
 BUILD_DIR=""

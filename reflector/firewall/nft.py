@@ -78,6 +78,10 @@ class Firewall(Protocol):
         ...
 
 
+# The library the nftables bindings load (Debian: libnftables1).
+LIBNFTABLES = "libnftables.so.1"
+
+
 def _load_nftables() -> Any:
     """A libnftables context with JSON output, or FirewallError if the library is missing.
 
@@ -85,9 +89,14 @@ def _load_nftables() -> Any:
     libnftables (a developer laptop in tunneled mode) and fails only when direct mode is used.
     """
     try:
+        import ctypes
+
         import nftables
 
-        nft = nftables.Nftables()
+        # Load the library first: when it is missing, Nftables() fails half-built and its
+        # __del__ prints a traceback on stderr ("Exception ignored ... nft_ctx_free").
+        ctypes.CDLL(LIBNFTABLES)
+        nft = nftables.Nftables(LIBNFTABLES)
     except (ImportError, OSError) as exc:
         raise FirewallError(f"nftables is unavailable: {exc}") from exc
     nft.set_json_output(True)

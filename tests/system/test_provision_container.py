@@ -92,6 +92,9 @@ def provisioned(systemd_host_module: SystemdHost, wheelhouse: Path) -> Provision
         "reflector_control_port": CONTROL_PORT,
         "reflector_authorized_peers": [appliance],
         "reflector_health_http_address": f"0.0.0.0:{HEALTH_PORT}",
+        "reflector_timezone": "Europe/Paris",
+        "reflector_max_udp_echo_pps": 1500,
+        "reflector_peer_quotas": {appliance: {"max_tests_per_hour": 500}},
     }
     recap = run_playbook(host, extra_vars, tag="first")
     return Provisioned(host=host, extra_vars=extra_vars, first_run=recap, appliance_id=appliance)
@@ -167,6 +170,9 @@ def test_the_config_is_rendered_from_the_role_variables(
     assert "pairing_enabled = false" in shown
     assert f'health_http_address = "0.0.0.0:{HEALTH_PORT}"' in shown
     assert provisioned.appliance_id in shown
+    assert 'timezone = "Europe/Paris"' in shown and "max_udp_echo_pps = 1500" in shown
+    assert f'[quotas.peers."{provisioned.appliance_id}"]' in shown
+    assert "max_tests_per_hour = 500" in shown
 
 
 def test_the_unit_is_active_with_its_hardening(provisioned: Provisioned) -> None:

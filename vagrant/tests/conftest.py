@@ -18,6 +18,7 @@ import pytest
 import testinfra  # type: ignore[import-untyped]
 from machines import (
     ADDRESSES,
+    ADDRESSES6,
     APPLIANCE_PYTHON,
     CONFIG_FILE,
     CONTROL_PORT,
@@ -27,8 +28,10 @@ from machines import (
     REFLECTOR,
     Grant,
     Machine,
+    add_ipv6,
     current_mode,
     read_grant,
+    remove_ipv6,
     transient_unit,
     wait_service_ready,
 )
@@ -56,17 +59,23 @@ def _ssh_config(config: pytest.Config) -> str:
 
 
 @pytest.fixture(scope="session")
-def machines(pytestconfig: pytest.Config) -> dict[str, Machine]:
+def machines(pytestconfig: pytest.Config) -> Iterator[dict[str, Machine]]:
+    """The three machines, each with its fixed IPv4 address (checked) and its static IPv6
+    address (added here, removed when the session ends)."""
     ssh_config = _ssh_config(pytestconfig)
     found = {}
     for name, address in ADDRESSES.items():
         host = testinfra.get_host(f"ssh://{name}", ssh_config=ssh_config)
-        machine = Machine(name=name, address=address, host=host)
+        machine = Machine(name=name, address=address, address6=ADDRESSES6[name], host=host)
         # The fixed addresses are what the firewall sees: check the network is as designed.
         addresses = machine.check("ip -4 -o addr show")
         assert f" {address}/" in addresses, f"{name} does not have {address}:\n{addresses}"
         found[name] = machine
-    return found
+    with ExitStack() as stack:
+        for machine in found.values():
+            add_ipv6(machine)
+            stack.callback(remove_ipv6, machine)
+        yield found
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ firewall. The moves:
 
 - `probe_tcp`: a bounded TCP connect scan run ON a machine (python3 is in the box), so the
   answer is what that machine's address sees through the endpoint's firewall.
+- `add_ipv6` / `remove_ipv6`: each machine's static IPv6 address on the private network (the
+  LXC network hands out IPv4 only), so every probe can be made over both families.
 - `transient_unit`: a background command on a machine as a transient systemd service, stopped
   by name when the test ends, whatever its outcome.
 - The scripts `HOLDER` (the appliance requests a session and keeps it) and `GUARD` (a listener
@@ -32,6 +34,16 @@ ADDRESSES = {
     "appliance": "198.51.100.11",
     "outsider": "198.51.100.12",
 }
+# The same machines over IPv6: documentation addresses in one /64 ("RF" = 0x5246, as in the
+# MACs), host numbers as in IPv4. The tests add them (`add_ipv6`) on the interface that holds
+# the IPv4 address, whatever the provider named it, and remove them when the session ends.
+ADDRESSES6 = {
+    "endpoint": "2001:db8:5246::10",
+    "appliance": "2001:db8:5246::11",
+    "outsider": "2001:db8:5246::12",
+}
+IPV6_PREFIX_LEN = 64
+FAMILIES = ("ipv4", "ipv6")
 # The role's defaults (ansible/roles/reflector/defaults/main.yml) and the units' paths.
 CONTROL_PORT = 4000
 CONFIG_FILE = "/etc/reflector/reflector.toml"
@@ -51,11 +63,18 @@ POLL_S = 0.5
 
 @dataclass(frozen=True)
 class Machine:
-    """One Vagrant machine: its name, its address on the private network, its testinfra host."""
+    """One Vagrant machine: its name, its addresses on the private network, its testinfra host."""
 
     name: str
     address: str
+    address6: str
     host: Any  # testinfra.host.Host, which has no type hints
+
+    def address_in(self, family: str) -> str:
+        """Its address in `family` ("ipv4" or "ipv6")."""
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        return self.address if family == "ipv4" else self.address6
 
     def run(self, command: str, *args: object) -> Any:
         """Run a shell command; `args` are quoted into the `%s` of `command`."""
@@ -79,6 +98,37 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> fl
             pytest.fail(f"timed out after {timeout_s:.0f} s waiting until {what}")
         time.sleep(POLL_S)
     return time.monotonic() - start
+
+
+def interface_of(machine: Machine) -> str:
+    """The interface that holds the machine's IPv4 address on the private network."""
+    out = machine.check("ip -o -4 addr show to %s/32", machine.address)
+    fields = out.split()
+    assert len(fields) > 1, f"{machine.name} does not have {machine.address}: {out!r}"
+    return fields[1]
+
+
+def add_ipv6(machine: Machine) -> None:
+    """Give the machine its static IPv6 address, at once usable.
+
+    `nodad`: there is nobody else on this private network to collide with, and duplicate address
+    detection would keep the address "tentative" (unusable) for a second or more. `replace`
+    makes it idempotent (a kept environment, a rerun).
+    """
+    machine.check(
+        "sudo ip -6 addr replace %s dev %s nodad",
+        f"{machine.address6}/{IPV6_PREFIX_LEN}",
+        interface_of(machine),
+    )
+
+
+def remove_ipv6(machine: Machine) -> None:
+    """Take the static IPv6 address away again (the machine is as provisioned)."""
+    machine.run(
+        "sudo ip -6 addr del %s dev %s",
+        f"{machine.address6}/{IPV6_PREFIX_LEN}",
+        interface_of(machine),
+    )
 
 
 # --- Probing -------------------------------------------------------------------------------
