@@ -238,9 +238,9 @@ async def open_reader(fd: int, *, limit: int = READER_LIMIT) -> asyncio.StreamRe
 class HelperMissing:
     """`EngineHost` for a service whose helper socket is missing: every test is refused.
 
-    Under systemd the helper is how engines run (scopes, a separate uid, nftables); running
-    them as the service's own children there would drop those protections without anyone
-    noticing. Fail closed, and say what to start.
+    For the deployed service the helper is how engines run (scopes, a separate uid,
+    nftables); running them as the service's own children there would drop those protections
+    without anyone noticing. Fail closed, and say what to start.
     """
 
     def __init__(self, path: Path) -> None:
@@ -269,16 +269,24 @@ class HelperMissing:
         """Nothing was started."""
 
 
-def under_systemd() -> bool:
-    """Whether systemd started this process as (part of) a unit: it sets INVOCATION_ID."""
-    return bool(os.environ.get("INVOCATION_ID"))
+# Set by units/reflector.service: this process is the deployed service, not a developer's run.
+SERVICE_MARKER_ENV = "REFLECTOR_SERVICE"
+
+
+def deployed_as_service() -> bool:
+    """Whether this is the deployed service (its unit sets REFLECTOR_SERVICE=1).
+
+    An explicit marker rather than systemd's INVOCATION_ID, which every process started under
+    any unit inherits (a CI runner's `make test`, for one).
+    """
+    return os.environ.get(SERVICE_MARKER_ENV) == "1"
 
 
 def select_engine_host(config: Config) -> EngineHost:
     """The helper when its socket exists, else the local fallback; logs which one runs.
 
-    Under systemd without the helper, the local fallback only with privsep.allow_local_engines;
-    otherwise `HelperMissing` refuses every test (see there).
+    The deployed service without the helper gets the local fallback only with
+    privsep.allow_local_engines; otherwise `HelperMissing` refuses every test (see there).
     """
     section = getattr(config, "privsep", None)
     path = Path(str(getattr(section, "helper_socket", DEFAULT_HELPER_SOCKET)))
@@ -286,7 +294,7 @@ def select_engine_host(config: Config) -> EngineHost:
     if path.is_socket():
         host = PrivsepClient(path)
         _log.info("engines: %s", host.name)
-    elif under_systemd() and not getattr(section, "allow_local_engines", False):
+    elif deployed_as_service() and not getattr(section, "allow_local_engines", False):
         host = HelperMissing(path)
         _log.error("engines: %s; throughput tests and direct mode are refused", host.name)
     else:

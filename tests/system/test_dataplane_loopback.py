@@ -802,9 +802,9 @@ def test_a_peer_over_its_daily_bytes_is_refused_until_they_age_out(tmp_path: Pat
 def test_a_service_without_its_helper_refuses_throughput_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Under systemd (INVOCATION_ID) with no helper socket: no engines as the service's own
-    children; the latency test (built into the parent) still works."""
-    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    """The deployed service (its unit sets REFLECTOR_SERVICE=1) with no helper socket: no
+    engines as the service's own children; the latency test (built into the parent) works."""
+    monkeypatch.setenv("REFLECTOR_SERVICE", "1")
     missing = tmp_path / "privd.sock"
 
     async def body() -> None:

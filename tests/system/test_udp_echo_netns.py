@@ -38,6 +38,8 @@ SESSION_S = 30
 PROCESS_TIMEOUT_S = 10.0
 # The port the spoofer claims as its source; the real peer listens on it.
 SPOOFED_PORT = 40000
+# The reflector's reply rate clamp (--max-pps).
+MAX_PPS = 1000
 
 _MEASURE = r"""
 import json, sys
@@ -134,7 +136,7 @@ def _reflector(pair: NetnsPair, final: dict[str, object]) -> Iterator[_Reflector
     On exit it is stopped with SIGTERM and its final stats line is put into `final`.
     """
     args = ["-m", "reflector.engines.udp_echo", "--bind", f"{pair.endpoint.ipv4}:0"]
-    args += ["--peer", PEER_IP, "--duration", str(SESSION_S), "--max-pps", "1000"]
+    args += ["--peer", PEER_IP, "--duration", str(SESSION_S), "--max-pps", str(MAX_PPS)]
     proc = _spawn(pair, pair.endpoint, args)
     try:
         listening = json.loads(_first_line(proc))
@@ -215,3 +217,65 @@ def test_a_spoofed_source_gets_its_reply_sent_to_the_real_peer_not_the_spoofer(
     # The reflector did answer (address and HMAC were right), at the address's real owner.
     assert at_owner == {"from": lab.endpoint.ipv4, "sender_seq": 77, "length": 112}
     assert (final["rx_packets"], final["tx_packets"]) == (1, 1)
+
+
+# From the granted peer's own address: packets with a wrong HMAC, unauthenticated STAMP (44
+# octets), oversized ones, then a burst of valid probes far above the rate clamp. Counts what
+# comes back, and the sizes, for a second after the last packet.
+_HOSTILE = r"""
+import json, socket, sys, time
+from reflector.engines import stamp
+target, port, burst = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+key = bytes.fromhex(sys.stdin.readline().strip())
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.connect((target, port))
+def probe(seq, k=key):
+    now = stamp.unix_ns_to_ntp(time.time_ns())
+    packet = stamp.SenderPacket(seq=seq, timestamp=now, error_estimate=1, ssid=7)
+    return stamp.encode_sender(packet, k)
+bad = [probe(1, bytes(32))] * 20                    # right shape, wrong key
+bad += [probe(2)[:44]] * 20                         # RFC 8762 unauthenticated size
+bad += [probe(3) + bytes(1473 - 112)] * 20          # larger than any probe we answer
+for packet in bad:
+    sock.send(packet)
+sock.settimeout(1.0)
+def drain():
+    sizes = []
+    try:
+        while True:
+            sizes.append(len(sock.recv(4096)))
+    except TimeoutError:
+        return sizes
+after_bad = drain()
+started = time.monotonic()
+for seq in range(burst):
+    sock.send(probe(100 + seq))
+elapsed = time.monotonic() - started
+after_burst = drain()
+print(json.dumps({"after_bad": after_bad, "after_burst": after_burst, "burst_s": elapsed}))
+"""
+# A burst of this many valid probes is sent at once (3 s worth at the clamp).
+BURST = 3000
+
+
+def test_the_peer_itself_gets_nothing_for_bad_packets_and_at_most_the_rate_for_a_flood(
+    lab: NetnsPair,
+) -> None:
+    final: dict[str, object] = {}
+    with _reflector(lab, final) as echo:
+        done = lab.run_in(
+            lab.peer,
+            [sys.executable, "-c", _HOSTILE, lab.endpoint.ipv4, str(echo.port), str(BURST)],
+            input_text=KEY.hex() + "\n",
+            timeout=PROCESS_TIMEOUT_S + 5,
+        )
+    seen = json.loads(done.stdout)
+    assert seen["after_bad"] == []  # wrong key, no HMAC, oversized: all silently dropped
+    replies = seen["after_burst"]
+    assert replies and set(replies) == {112}  # never longer than the probe
+    # The clamp: at most max_pps a second over the burst (plus its bucket), far below BURST.
+    assert len(replies) <= MAX_PPS * (seen["burst_s"] + 1.0) + MAX_PPS
+    assert len(replies) < BURST
+    dropped = final["dropped"]
+    assert isinstance(dropped, dict)
+    assert dropped["hmac"] >= 20 and dropped["length"] >= 40 and dropped["rate"] > 0

@@ -409,14 +409,16 @@ async def _the_helper_refuses_oversized_and_unknown_frames_body(tmp_path: Path) 
 # --- which engine host runs
 
 
-def test_the_engine_host_is_the_helper_else_local_except_under_systemd(
+def test_the_engine_host_is_the_helper_else_local_except_for_the_deployed_service(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     missing = tmp_path / "privd.sock"
     text = f'[privsep]\nhelper_socket = "{missing}"\n'
-    monkeypatch.delenv("INVOCATION_ID", raising=False)
-    assert isinstance(select_engine_host(parse_config_text(text)), LocalEngineHost)  # a laptop
-    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")  # a unit
+    monkeypatch.delenv("REFLECTOR_SERVICE", raising=False)
+    # A laptop, or `make test` under a CI runner's unit (INVOCATION_ID says nothing about us).
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    assert isinstance(select_engine_host(parse_config_text(text)), LocalEngineHost)
+    monkeypatch.setenv("REFLECTOR_SERVICE", "1")  # units/reflector.service
     assert isinstance(select_engine_host(parse_config_text(text)), HelperMissing)
     allowed = text + "allow_local_engines = true\n"
     assert isinstance(select_engine_host(parse_config_text(allowed)), LocalEngineHost)
