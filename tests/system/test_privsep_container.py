@@ -60,7 +60,8 @@ CLIENT = textwrap.dedent(
             duration_s=duration, bind="127.0.0.1", peer="127.0.0.1", limits=limits)
 
     def show(unit):
-        props = "MemoryMax,CPUQuotaPerSecUSec,TasksMax,RuntimeMaxUSec,ActiveState,LoadState"
+        props = ("MemoryMax,CPUQuotaPerSecUSec,TasksMax,RuntimeMaxUSec,ActiveState,LoadState,"
+                 "IPAccounting,IPAddressAllow,IPAddressDeny,SocketBindAllow,SocketBindDeny")
         out = subprocess.run(["systemctl", "show", "-p", props, unit],
                              capture_output=True, text=True).stdout
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
@@ -169,6 +170,20 @@ def test_an_engine_runs_in_its_own_scope_as_the_engine_user_and_reports_back(
     assert scope["CPUQuotaPerSecUSec"] == "500ms"  # 50%
     assert scope["TasksMax"] == "16"
     assert scope["RuntimeMaxUSec"] == f"{15 + GRACE_S}s"
+    assert scope["IPAccounting"] == "yes"
+    # Where the host enforces them (the helper probes at start and says so in protections),
+    # the scope admits only the granted peer and binds only the granted port; elsewhere the
+    # properties are absent rather than set and silently ignored.
+    # (systemctl show leaves out properties that are empty.)
+    if "ip_address_allow" in handle["protections"]:
+        assert "127.0.0.1" in scope["IPAddressAllow"], scope
+        assert "0.0.0.0/0" in scope["IPAddressDeny"] or "any" in scope["IPAddressDeny"], scope
+    else:
+        assert scope.get("IPAddressDeny", "") == "", scope
+    if "socket_bind_allow" in handle["protections"]:
+        assert "5201" in scope["SocketBindAllow"] and scope["SocketBindDeny"], scope
+    else:
+        assert scope.get("SocketBindAllow", "") == "", scope
     assert report["user"] == ENGINE_USER
     # iperf3's own JSON arrived through the passed stdout fd after a client ran.
     assert {"sum_received", "sum_sent"} <= set(report["json_end"])
