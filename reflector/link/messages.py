@@ -483,11 +483,16 @@ class PairOk(Response):
 
 @dataclass(frozen=True, kw_only=True)
 class SessionGrant(Response):
-    """A granted session: where to connect (`ports`), with what secret, until when."""
+    """A granted session: where to connect (`ports`), with what secret, until when.
+
+    `test_id` is the spec's name for the grant's identifier (§6.3); it always equals
+    `session_id`, the name every other message uses, and a grant where they differ is refused.
+    """
 
     TYPE = "session_grant"
     FIELDS: ClassVar[Mapping[str, _Field]] = {
         "session_id": _SESSION_ID,
+        "test_id": _SESSION_ID,
         "test_type": _TEST_TYPE,
         "mode": _Field(_Enum(("tunneled", "direct_ephemeral"))),
         "ports": _Field(_Ports()),
@@ -496,6 +501,7 @@ class SessionGrant(Response):
         "extra": _OBJECT,
     }
     session_id: str
+    test_id: str
     test_type: str
     mode: str
     ports: dict[str, int]
@@ -667,6 +673,8 @@ def _build(cls: type[Message], obj: dict[str, object]) -> Message:
     if cls is SessionRequest:
         # The params schema depends on test_type, which has been validated just above.
         values["params"] = _PARAMS[values["test_type"]].check(obj["params"], "params")
+    if cls is SessionGrant and values["test_id"] != values["session_id"]:
+        raise _FieldError("test_id", "must equal session_id")
     return cls(**values)
 
 

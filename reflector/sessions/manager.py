@@ -138,6 +138,7 @@ class Session:
             extra["hmac_key"] = base64.urlsafe_b64encode(self.hmac_key).decode("ascii")
         return {
             "session_id": self.session_id,
+            "test_id": self.session_id,  # the spec's name for it (§6.3)
             "test_type": self.test_type.value,
             "mode": self.mode,
             "ports": self.ports,

@@ -236,6 +236,7 @@ def _sample_responses() -> list[Response]:
         SessionGrant(
             request_id=2,
             session_id="s1",
+            test_id="s1",
             test_type="throughput",
             mode="tunneled",
             ports={"data": 5201},

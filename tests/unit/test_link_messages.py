@@ -80,6 +80,7 @@ RESPONSES: list[Message] = [
     SessionGrant(
         request_id=3,
         session_id="s1",
+        test_id="s1",
         test_type="throughput",
         mode="direct_ephemeral",
         ports={"data": 5201},

@@ -214,7 +214,9 @@ async def _iperf3_json_comes_back_through_the_stdout_fd_body(host: LocalEngineHo
     assert doc["end"]["sum_received"]["bytes"] > 0
     assert await err.read() == b""
     ended = await host.stop_engine("local-iperf")
-    assert (ended.exit_code, ended.stopped_by) == (0, "exit")
+    # iperf3 finished by itself (exit 0); if our stop reached it before its exit was reaped, the
+    # host reports "stop" (the documented race in supervisor._stopped_by), never an error.
+    assert ended.exit_code == 0 and ended.stopped_by in ("exit", "stop")
     assert ended.ip_ingress_bytes is None  # no kernel counters without a cgroup
 
 
