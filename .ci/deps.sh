@@ -8,7 +8,7 @@ APT_PACKAGES=(
   python3 python3-venv python3-dev python3-wheel gcc pkg-config libsystemd-dev
   nftables libnftables1 iperf3 openssl iproute2 procps util-linux
   systemd systemd-container stunnel4 irtt minisign traceroute mtr-tiny python3-jinja2
-  ansible-core ansible-lint python3-apt
+  ansible-core ansible-lint python3-apt curl
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

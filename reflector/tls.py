@@ -43,6 +43,7 @@ from reflector.endpoint_id import parse_id
 from reflector.errors import EndpointIdError, ReflectorError
 
 __all__ = [
+    "ALPN_HTTP",
     "ALPN_LINK",
     "ALPN_TUNNEL",
     "HANDSHAKE_TIMEOUT",
@@ -59,6 +60,7 @@ __all__ = [
 # Application protocols (RFC 7301), versioned so a v2 can be negotiated alongside v1.
 ALPN_LINK = "pp-link/1"  # the control-plane RPC ("Paramedic Link", spec §6)
 ALPN_TUNNEL = "pp-tunnel/1"  # a tunneled data-plane stream (spec §3.2, tunneled mode)
+ALPN_HTTP = "http/1.1"  # `GET /health` over the mTLS port (spec §7.4), for allowlisted keys
 
 # OpenSSL ABI constants (stable since 1.1.0; the version check in _libssl guards the rest).
 _SSL_VERIFY_PEER = 0x01
@@ -95,7 +97,7 @@ class EndpointMismatch(ReflectorError):
 def server_context(
     cert_path: Path,
     key_path: Path,
-    alpn: Sequence[str] = (ALPN_LINK, ALPN_TUNNEL),
+    alpn: Sequence[str] = (ALPN_LINK, ALPN_TUNNEL, ALPN_HTTP),
 ) -> ssl.SSLContext:
     """A TLS 1.3-only server context that requires and accepts any Ed25519 client certificate.
 

@@ -52,6 +52,7 @@ HEALTH_FIELDS = ("status", "version", "load")
 _REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
@@ -206,6 +207,58 @@ class _HealthServer:
         except ConnectionError:
             return b""
         return response_for(head, self._health)
+
+
+class OneRequestProtocol(asyncio.Protocol):
+    """One HTTP request on an already authenticated connection (the mTLS port, ALPN http/1.1).
+
+    Buffers at most MAX_HEAD_BYTES of request head for at most `timeout` seconds, answers with
+    `reply_for(head)` and closes; every other outcome gets its status code (431, 408) and a
+    close. The TLS, the key and the allowlist were checked before this protocol exists.
+    """
+
+    def __init__(self, reply_for: Callable[[bytes], bytes], timeout: float = READ_TIMEOUT_SEC):
+        self._reply_for = reply_for
+        self._timeout = timeout
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._reply, _plain(408))
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._buffer += data
+        end = self._buffer.find(_HEAD_END)
+        if 0 <= end < MAX_HEAD_BYTES:
+            self._reply(self._reply_for(bytes(self._buffer[: end + len(_HEAD_END)])))
+        elif len(self._buffer) >= MAX_HEAD_BYTES:
+            self._reply(_plain(431))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._transport = None
+
+    def _reply(self, reply: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._transport.write(reply)
+        self._transport.close()
+
+
+def forbidden(head: bytes) -> bytes:
+    """The reply to any request from a key that is not on the allowlist."""
+    return _plain(403)
+
+
+def unavailable(head: bytes) -> bytes:
+    """The reply while the endpoint is still starting."""
+    return _plain(503)
 
 
 async def _send_and_close(

@@ -25,7 +25,7 @@ from reflector.access.gate import AdmissionGate
 from reflector.certificate import BadCertificate
 from reflector.config import NetworkConfig, parse_address
 from reflector.link import encode_frame
-from reflector.tls import ALPN_LINK, ALPN_TUNNEL, AlertingSSLProtocol, peer_id_of
+from reflector.tls import ALPN_HTTP, ALPN_LINK, ALPN_TUNNEL, AlertingSSLProtocol, peer_id_of
 
 _log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class ConnectionHandler(Protocol):
     def link_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol: ...
 
     def tunnel_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol: ...
+
+    def http_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol: ...
 
     def connection_denied(self, source: str, reason: str, peer_id: str | None) -> None: ...
 
@@ -236,7 +238,9 @@ class Listener:
             return self.handler.link_protocol(peer_id, source)
         if alpn == ALPN_TUNNEL:
             return self.handler.tunnel_protocol(peer_id, source)
-        _refuse(tls, "bad_alpn", f"ALPN must be {ALPN_LINK} or {ALPN_TUNNEL}")
+        if alpn == ALPN_HTTP:
+            return self.handler.http_protocol(peer_id, source)
+        _refuse(tls, "bad_alpn", f"ALPN must be {ALPN_LINK}, {ALPN_TUNNEL} or {ALPN_HTTP}")
         self.handler.connection_denied(source[0], "bad_alpn", peer_id)
         return None
 

@@ -32,7 +32,7 @@ from reflector.errors import ReflectorError
 from reflector.fsutil import ensure_private_dir
 from reflector.identity import Identity, load_or_create_identity
 from reflector.server.dataplane import EndpointService
-from reflector.server.health_http import start_health_server
+from reflector.server.health_http import OneRequestProtocol, start_health_server, unavailable
 from reflector.server.listener import Listener
 from reflector.server.service import RefuseProtocol, Service, ServiceDeps
 from reflector.tls import server_context
@@ -137,6 +137,11 @@ class _ServiceHandler:
         if self.service is None:
             return RefuseProtocol("not_ready", "the endpoint is starting; try again")
         return self.service.tunnel_protocol(peer_id, source)
+
+    def http_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol:
+        if self.service is None:
+            return OneRequestProtocol(unavailable)
+        return self.service.http_protocol(peer_id, source)
 
     def connection_denied(self, source: str, reason: str, peer_id: str | None) -> None:
         if self.service is not None:

@@ -36,6 +36,7 @@ from reflector.link.messages import (
     Response,
     ServerHello,
 )
+from reflector.server.health_http import OneRequestProtocol, forbidden, response_for
 from reflector.server.link_protocol import CloseAfter, LinkProtocol
 
 _log = logging.getLogger(__name__)
@@ -135,6 +136,15 @@ class Service:
     def tunnel_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol:
         self.connection_denied(source[0], "tunnel_unavailable", peer_id)
         return RefuseProtocol("tunnel_unavailable", "this endpoint has no tunneled data plane")
+
+    def http_protocol(self, peer_id: str, source: tuple[str, int]) -> asyncio.Protocol:
+        """`GET /health` over the mTLS port for an allowlisted key; 403 for any other key."""
+        if not self.peers.is_authorized(peer_id):
+            self.connection_denied(source[0], "unknown_peer", peer_id)
+            return OneRequestProtocol(forbidden)
+        self.audit.emit("connection_accept", peer_id=peer_id, source_addr=source[0], mode="http")
+        health = self.deps.health or _default_health
+        return OneRequestProtocol(lambda head: response_for(head, health))
 
     def connection_denied(self, source: str, reason: str, peer_id: str | None) -> None:
         """Audit a refused connection, folding floods from one source into one record."""

@@ -29,7 +29,7 @@ from reflector.link import FrameDecoder, decode_json, encode_frame
 from reflector.link.frames import NEED_DATA
 from reflector.link.messages import GetPathMeta, Health, HealthStatus, Pair, PairOk, PathMeta
 from reflector.server.run import Running, start
-from reflector.tls import EndpointMismatch
+from reflector.tls import ALPN_HTTP, EndpointMismatch
 
 CONFIG = """
 [access]
@@ -438,6 +438,78 @@ def test_an_unknown_key_that_does_not_pair_in_time_is_closed_and_audited(
             (audited,) = denies(ep, "unknown_peer_timeout")
             assert audited["reflector_event"] == "connection_deny"
             assert ep.listener.open_connections == 0
+
+    run(body())
+
+
+# --- GET /health over the mTLS port (ALPN http/1.1, spec §7.4)
+
+
+async def https_get(ep: Running, app: ApplianceIdentity, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", ep.addresses[0][1], ssl=app.context(ALPN_HTTP), server_hostname=""
+    )
+    writer.write(request)
+    reply = await asyncio.wait_for(reader.read(), 10)  # the endpoint closes after one reply
+    writer.close()
+    return reply
+
+
+GET_HEALTH = b"GET /health HTTP/1.1\r\nHost: endpoint\r\n\r\n"
+
+
+def test_an_allowlisted_key_gets_health_over_https_on_the_control_port(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path) as ep:
+            app = appliance(tmp_path, "app")
+            authorize(ep, app)
+            reply = await https_get(ep, app, GET_HEALTH)
+            head, _, payload = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK")
+            doc = json.loads(payload)
+            assert set(doc) == {"status", "version", "load"} and doc["status"] == "ok"
+            other = await https_get(ep, app, b"GET /peers HTTP/1.1\r\nHost: e\r\n\r\n")
+            assert other.startswith(b"HTTP/1.1 404")
+            accepts = [r for r in audit_records(ep) if r["reflector_event"] == "connection_accept"]
+            assert accepts[-1]["mode"] == "http"
+
+    run(body())
+
+
+def test_curl_with_the_appliances_key_gets_health(tmp_path: Path) -> None:
+    """Interop with a stock HTTPS client: curl offers h2 and http/1.1 and gets http/1.1.
+
+    (-k: the endpoint's certificate is self-signed; appliances pin it by its key instead.)
+    """
+
+    async def body() -> None:
+        async with endpoint(tmp_path) as ep:
+            app = appliance(tmp_path, "app")
+            authorize(ep, app)
+            url = f"https://127.0.0.1:{ep.addresses[0][1]}/health"
+            argv = ["curl", "-sS", "-k", "--max-time", "10", "--cert", str(app.cert_path)]
+            argv += ["--key", str(app.identity.key_path), "-w", "\n%{http_version}", url]
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
+            out, err = await asyncio.wait_for(proc.communicate(), 20)
+            assert proc.returncode == 0, err
+            payload, version = out.decode().rsplit("\n", 1)
+            assert version == "1.1"
+            assert json.loads(payload)["status"] == "ok"
+
+    run(body())
+
+
+def test_an_unknown_key_gets_403_over_https_and_is_audited(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with endpoint(tmp_path) as ep:
+            stranger = appliance(tmp_path, "stranger")
+            reply = await https_get(ep, stranger, GET_HEALTH)
+            assert reply.startswith(b"HTTP/1.1 403 Forbidden")
+            assert b"version" not in reply
+            (denied,) = denies(ep, "unknown_peer")
+            assert denied["peer_id"] == stranger.identity.endpoint_id
 
     run(body())
 
