@@ -17,8 +17,6 @@ A source that cannot be read is named in the output (`note`, `quota_error`), nev
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,9 +29,7 @@ from reflector.config import Config
 from reflector.errors import ReflectorError
 from reflector.sessions import clock
 from reflector.sessions.accounting import (
-    BUSY_TIMEOUT_MS,
     DB_FILE_NAME,
-    SCHEMA_VERSION,
     UsageStore,
 )
 from reflector.sessions.clock import Instant
@@ -132,7 +128,7 @@ def _quota_per_peer(config: Config, also: Iterable[str], now: Instant) -> dict[s
     """
     path = config.state_dir / DB_FILE_NAME
     try:
-        with _open_ledger_readonly(path) as ledger:
+        with UsageStore.open_readonly(config.state_dir) as ledger:
             peers = sorted(set(ledger.peers_seen(now)) | set(also))
             usage = {peer: ledger.peer_usage(peer, now) for peer in peers}
     except FileNotFoundError:
@@ -140,48 +136,6 @@ def _quota_per_peer(config: Config, also: Iterable[str], now: Instant) -> dict[s
     except ReflectorError as exc:
         return {"quota_error": str(exc)}
     return {"peers": {peer: quota_status(peer, config.quotas, u, now) for peer, u in usage.items()}}
-
-
-def _open_ledger_readonly(path: Path) -> UsageStore:
-    """The server's ledger, opened so that nothing is created or changed by reading it.
-
-    The file is opened once by hand first: sqlite would only say "unable to open database
-    file", while the OS names the reason (typically: run as the service user or as root).
-    Raises FileNotFoundError if there is no ledger, ReflectorError if it cannot be read.
-    """
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY))
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise ReflectorError(
-            f"cannot read usage ledger {path}: {exc.strerror or exc}"
-            " (run as the service user or root)"
-        ) from exc
-    try:
-        conn = sqlite3.connect(
-            f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None
-        )
-    except sqlite3.Error as exc:
-        raise ReflectorError(f"cannot read usage ledger {path}: {exc}") from exc
-    try:
-        _check_ledger(conn, path)
-    except BaseException:
-        conn.close()
-        raise
-    return UsageStore(conn, path)
-
-
-def _check_ledger(conn: sqlite3.Connection, path: Path) -> None:
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-    except sqlite3.Error as exc:
-        raise ReflectorError(f"cannot read usage ledger {path}: {exc}") from exc
-    if version != SCHEMA_VERSION:
-        raise ReflectorError(
-            f"usage ledger {path}: schema version {version}, not the supported {SCHEMA_VERSION}"
-        )
 
 
 def _recent_denies(config: Config, limit: int) -> list[dict[str, Any]]:

@@ -157,6 +157,38 @@ class UsageStore:
             raise
         return cls(conn, path)
 
+    @classmethod
+    def open_readonly(cls, state_dir: Path) -> UsageStore:
+        """The server's ledger, opened so that nothing is created or changed by reading it.
+
+        For `reflector status`, beside the running service (WAL lets a reader in). The file is
+        opened once by hand first: sqlite would only say "unable to open database file", while
+        the OS names the reason (typically: run as the service user or as root).
+        Raises FileNotFoundError if there is no ledger, ReflectorError if it cannot be read.
+        """
+        path = state_dir / DB_FILE_NAME
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY))
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise ReflectorError(
+                f"cannot read usage ledger {path}: {exc.strerror or exc}"
+                " (run as the service user or root)"
+            ) from exc
+        try:
+            conn = sqlite3.connect(
+                f"{path.absolute().as_uri()}?mode=ro", uri=True, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise ReflectorError(f"cannot read usage ledger {path}: {exc}") from exc
+        try:
+            _check_readable(conn, path)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path)
+
     def close(self) -> None:
         self._conn.close()
 
@@ -304,15 +336,29 @@ def _configure(conn: sqlite3.Connection, path: Path) -> None:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             _create_schema(conn)
-        elif version != SCHEMA_VERSION:
-            raise ReflectorError(
-                f"{path}: accounting schema version {version} is not the supported"
-                f" {SCHEMA_VERSION} (written by another reflector version?)"
-            )
+        else:
+            _check_version(version, path)
     except sqlite3.Error as exc:
         raise ReflectorError(f"cannot use accounting database {path}: {exc}") from exc
     if str(mode).lower() != "wal":
         raise ReflectorError(f"{path}: sqlite refused WAL mode (got {mode!r})")
+
+
+def _check_readable(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.Error as exc:
+        raise ReflectorError(f"cannot read usage ledger {path}: {exc}") from exc
+    _check_version(version, path)
+
+
+def _check_version(version: object, path: Path) -> None:
+    if version != SCHEMA_VERSION:
+        raise ReflectorError(
+            f"usage ledger {path}: schema version {version}, not the supported"
+            f" {SCHEMA_VERSION} (written by another reflector version?)"
+        )
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
