@@ -4,11 +4,9 @@ and files that root creates in another user's directory belonging to that user."
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -200,31 +198,9 @@ def test_ensure_private_dir_names_path_and_os_reason_when_it_cannot_create(
         ensure_private_dir(target)
 
 
-@contextmanager
-def unprivileged() -> Iterator[None]:
-    """Run the block as an ordinary user: as root, switch the effective uid to nobody."""
-    if os.geteuid() != 0:
-        yield
-        return
-    os.seteuid(NOBODY_UID)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-
-
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    """A directory that an unprivileged user may traverse (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="reflector-fsutil-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
-
-
-def test_ensure_private_dir_reports_permission_denied_creating(shared_tmp: Path) -> None:
+def test_ensure_private_dir_reports_permission_denied_creating(
+    shared_tmp: Path, unprivileged: Callable[[], AbstractContextManager[None]]
+) -> None:
     locked = shared_tmp / "locked"
     locked.mkdir(mode=0o555)
     with unprivileged(), pytest.raises(ReflectorError) as caught:
@@ -232,7 +208,9 @@ def test_ensure_private_dir_reports_permission_denied_creating(shared_tmp: Path)
     assert str(caught.value) == f"cannot create directory {locked / 'reflector'}: Permission denied"
 
 
-def test_ensure_private_dir_reports_a_directory_it_cannot_write(shared_tmp: Path) -> None:
+def test_ensure_private_dir_reports_a_directory_it_cannot_write(
+    shared_tmp: Path, unprivileged: Callable[[], AbstractContextManager[None]]
+) -> None:
     # Someone else's directory: we neither tighten it nor pretend we can use it.
     foreign = shared_tmp / "foreign"
     foreign.mkdir(mode=0o755)

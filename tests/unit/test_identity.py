@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
-import tempfile
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -32,7 +30,6 @@ from reflector.identity import (
     rotate_identity,
 )
 
-NOBODY_UID = 65534
 NOW = datetime(2026, 3, 14, 15, 9, 26, tzinfo=UTC)
 
 
@@ -291,32 +288,16 @@ def test_fifo_at_key_path_is_refused_without_blocking(tmp_path: Path) -> None:
     assert load_error(path) == f"identity key {path} is not a regular file"
 
 
-@contextmanager
-def unprivileged() -> Iterator[None]:
+def test_unreadable_key_is_reported_with_the_os_reason(
+    shared_tmp: Path, unprivileged: Callable[[], AbstractContextManager[None]]
+) -> None:
+    path = shared_tmp / KEY_FILE_NAME
+    write_pem(path, Ed25519PrivateKey.generate(), 0o600)
     if os.geteuid() != 0:
-        yield
-        return
-    os.seteuid(NOBODY_UID)
-    try:
-        yield
-    finally:
-        os.seteuid(0)
-
-
-def test_unreadable_key_is_reported_with_the_os_reason() -> None:
-    # pytest's tmp_path is 0700, so use a directory the unprivileged user may enter.
-    directory = Path(tempfile.mkdtemp(prefix="reflector-identity-"))
-    try:
-        directory.chmod(0o755)
-        path = directory / KEY_FILE_NAME
-        write_pem(path, Ed25519PrivateKey.generate(), 0o600)
-        if os.geteuid() != 0:
-            path.chmod(0o000)
-        with unprivileged():
-            message = load_error(path)
-        assert message == f"cannot read identity key {path}: Permission denied"
-    finally:
-        shutil.rmtree(directory)
+        path.chmod(0o000)
+    with unprivileged():
+        message = load_error(path)
+    assert message == f"cannot read identity key {path}: Permission denied"
 
 
 # --- rotation -------------------------------------------------------------------------------

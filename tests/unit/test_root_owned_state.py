@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,17 +28,12 @@ AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
 @pytest.fixture
-def state() -> Iterator[Path]:
+def state(shared_tmp: Path) -> Path:
     """A service-owned state dir (nobody:nogroup, 0700) in a directory nobody may traverse."""
-    base = Path(tempfile.mkdtemp(prefix="reflector-owned-"))
-    base.chmod(0o755)
-    path = base / "state"
+    path = shared_tmp / "state"
     path.mkdir(mode=0o700)
     os.chown(path, NOBODY_UID, NOGROUP_GID)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(base)
+    return path
 
 
 def as_nobody(code: str) -> subprocess.CompletedProcess[str]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sqlite3
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,6 @@ from reflector.status import collect_status, format_status
 
 PEER = endpoint_id_from_public_key(bytes(range(32)))
 OTHER = endpoint_id_from_public_key(bytes(range(1, 33)))
-# The conventional uid of "nobody": a user that cannot read root's 0600 files.
-NOBODY_UID = 65534
 
 
 def config_for(state: Path) -> Config:
@@ -179,29 +176,17 @@ def test_a_ledger_of_another_schema_version_is_named_in_the_output(tmp_path: Pat
     assert "schema version 99, not the supported 1" in doc["quota_error"]
 
 
-@pytest.fixture
-def shared_tmp() -> Iterator[Path]:
-    """A directory an unprivileged user may traverse (pytest's tmp_path is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="reflector-status-"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_a_ledger_this_user_cannot_read_is_named_not_a_crash(shared_tmp: Path) -> None:
+def test_a_ledger_this_user_cannot_read_is_named_not_a_crash(
+    shared_tmp: Path, unprivileged: Callable[[], AbstractContextManager[None]]
+) -> None:
     state = shared_tmp / "s"
     record_tests(state, PEER, [clock.now()])  # root's 0600 ledger
     state.chmod(0o755)
     write_status(state, os.getpid())
     (state / "status.json").chmod(0o644)
-    os.seteuid(NOBODY_UID)
-    try:
+    with unprivileged():
         doc = collect_status(config_for(state), 10)
-    finally:
-        os.seteuid(0)
     assert doc["quota_error"] == (
         f"cannot read usage ledger {state / DB_FILE_NAME}: Permission denied"
         " (run as the service user or root)"
@@ -210,18 +195,17 @@ def test_a_ledger_this_user_cannot_read_is_named_not_a_crash(shared_tmp: Path) -
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_a_state_dir_this_user_cannot_enter_is_named_for_every_source(shared_tmp: Path) -> None:
+def test_a_state_dir_this_user_cannot_enter_is_named_for_every_source(
+    shared_tmp: Path, unprivileged: Callable[[], AbstractContextManager[None]]
+) -> None:
     state = shared_tmp / "s"
     record_tests(state, PEER, [clock.now()])  # root's 0700 state dir
     audit = open_audit_log(state, "PPTEST", "off", True)
     audit.emit("session_deny", peer_id=PEER, reason="busy", test_type="udp_echo")
     audit.close()
     write_status(state, os.getpid())
-    os.seteuid(NOBODY_UID)
-    try:
+    with unprivileged():
         doc = collect_status(config_for(state), 10)
-    finally:
-        os.seteuid(0)
     assert doc["note"] == f"{state / 'status.json'}: unreadable: Permission denied"
     assert "Permission denied" in doc["quota_error"]
     assert (
