@@ -276,6 +276,11 @@ def iperf_servers() -> list[psutil.Process]:
     return [p for p in me.children(recursive=True) if p.name() == "iperf3"]
 
 
+def iperf3_engines() -> list[psutil.Process]:
+    """The endpoint's `iperf3 -s` among them (not an appliance's client)."""
+    return [p for p in iperf_servers() if "-s" in p.cmdline()]
+
+
 def test_expiry_stops_an_engine_nobody_uses(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -628,7 +633,7 @@ def test_kill_9_mid_test_keeps_the_bytes_counted_so_far_and_leaves_no_engine(
             opts = measure.ThroughputOptions(duration_sec=6)
             test = asyncio.ensure_future(measure.throughput(client, app, opts))
             await asyncio.sleep(3.0)
-            engines = [p for p in iperf_servers() if "-s" in p.cmdline()]  # not the client
+            engines = iperf3_engines()
             assert engines, "the test's iperf3 server should be running"
             child.kill()
             child.wait(10)
@@ -662,7 +667,7 @@ def test_an_engine_that_dies_ends_its_session_at_once_and_frees_the_slot(tmp_pat
             grant = await client.call(
                 SessionRequest(test_type="throughput", params=tcp(30)), SessionGrant
             )
-            (server,) = [p for p in iperf_servers() if "-s" in p.cmdline()]
+            (server,) = iperf3_engines()
             server.kill()
             for _ in range(50):  # not at the 30 s deadline: within moments
                 if not ep.service.manager.active_sessions:
