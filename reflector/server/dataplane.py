@@ -549,7 +549,7 @@ class EndpointService(Service):
             run = _Run(session=session, iperf=iperf)
             deadline = time.monotonic() + max(0.0, session.deadline - session_clock.now().boottime)
             run.iperf_task = asyncio.get_running_loop().create_task(iperf.wait(deadline))
-            run.iperf_task.add_done_callback(functools.partial(self._engine_ended_cb, run))
+            run.iperf_task.add_done_callback(functools.partial(self._engine_ended, run))
             ports = {"tunnel": control_port} if tunneled else {"data": session.port}
             return run, ports
         assert last_error is not None
@@ -658,10 +658,7 @@ class EndpointService(Service):
             self._spawn_finish(session)
         self._rearm()
 
-    def _engine_ended_cb(self, run: _Run, _task: asyncio.Task[None]) -> None:
-        self._engine_ended(run)
-
-    def _engine_ended(self, run: _Run) -> None:
+    def _engine_ended(self, run: _Run, _task: asyncio.Task[None]) -> None:
         """iperf3 exited while its session lives: a failed engine ends the session now.
 
         Its port, its tunnel slot and the peer's one-test-at-a-time slot are freed at once

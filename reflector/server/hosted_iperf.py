@@ -59,6 +59,7 @@ class HostedIperf:
         self._overflow = False
         self._readers: list[asyncio.Task[None]] = []
         self._stopped = False
+        self._final: ThroughputResult | EngineError | None = None
         self._cut_short = False
 
     @property
@@ -128,6 +129,16 @@ class HostedIperf:
         return self.exit.runtime_ms / 1000 if self.exit else None
 
     def result(self) -> ThroughputResult | EngineError:
+        """The normalized result; computed once when the engine has stopped (its output final),
+        since both the engine-ended check and the session's finish ask for it."""
+        if self._final is not None:
+            return self._final
+        outcome = self._outcome()
+        if self._stopped:
+            self._final = outcome
+        return outcome
+
+    def _outcome(self) -> ThroughputResult | EngineError:
         parsed = self._parse()
         if self.timed_out:
             start = parsed.get("start") if isinstance(parsed, dict) else None
