@@ -307,12 +307,10 @@ class EngineSupervisor:
     # --- holes
 
     async def prepare(self, req: PrepareFirewall) -> FirewallReady | Refused:
-        """Install Reflector's table if it is not in place; a failed earlier try is retried."""
+        """Install Reflector's table if it is not in place, or say why it cannot be."""
         refusal = self.policy.check(req, running=self.running_by_kind())
         if refusal is not None:
             return refusal
-        if isinstance(self._firewall, str):
-            self._firewall = None  # nftables may have become available since
         firewall = self._firewall_or_refusal()
         return firewall if isinstance(firewall, Refused) else FirewallReady()
 
