@@ -89,8 +89,11 @@ class Verified:
 
 
 def key_id_hex(key_id: bytes) -> str:
-    """minisign's display form: the bytes as a little-endian integer, upper-case hex."""
-    return key_id[::-1].hex().upper()
+    """minisign's display form: the bytes as a little-endian integer in upper-case hex.
+
+    minisign prints it with `%PRIX64`, so without leading zeros; padding it would show one key in
+    sixteen under an ID that differs from the one in its `.pub` comment."""
+    return f"{int.from_bytes(key_id, 'little'):X}"
 
 
 def _lines(text: bytes | str, *, limit: int, what: str) -> list[str]:

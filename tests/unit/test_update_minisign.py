@@ -116,6 +116,20 @@ def test_untrusted_comment_is_not_covered_and_not_used() -> None:
     assert verify_text(MESSAGE, sig, format_public_key(key.public_key())).trusted_comment == "tc"
 
 
+@pytest.mark.parametrize(
+    ("key_id", "shown"),
+    [
+        (bytes.fromhex("59ad29f42668af09"), "9AF6826F429AD59"),  # top nibble zero: not padded
+        (bytes.fromhex("0100000000000000"), "1"),
+        (bytes.fromhex("efcdab8967452301"), "123456789ABCDEF"),
+        (bytes.fromhex("ffffffffffffffff"), "FFFFFFFFFFFFFFFF"),
+    ],
+)
+def test_key_id_is_shown_as_minisign_prints_it(key_id: bytes, shown: str) -> None:
+    """minisign prints the little-endian key number with %PRIX64: upper case, no leading zeros."""
+    assert key_id_hex(key_id) == shown
+
+
 def test_signature_from_another_key_names_both_ids() -> None:
     signer, trusted = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     sig = sign(MESSAGE, signer, trusted_comment="tc")
