@@ -36,12 +36,14 @@ from reflector.privsep.protocol import (
     FirewallUnavailable,
     FrameReader,
     HoleClosed,
+    HoleCounted,
     HoleOpened,
     HoleTotals,
     OpenHole,
     PrepareFirewall,
     PrivsepError,
     ProtocolError,
+    ReadHole,
     Refused,
     Request,
     Response,
@@ -105,6 +107,10 @@ class EngineHost(Protocol):
     ) -> None: ...
 
     async def close_hole(self, test_id: str) -> HoleTotals | None: ...
+
+    async def read_hole(self, test_id: str) -> HoleTotals | None:
+        """What a test's open holes have carried so far (they stay open)."""
+        ...
 
     async def prepare_firewall(self) -> None:
         """Direct mode: ensure Reflector's table is in place, or raise FirewallUnavailable."""
@@ -170,6 +176,11 @@ class PrivsepClient:
     async def close_hole(self, test_id: str) -> HoleTotals | None:
         response, _ = await self._call(CloseHole(test_id=test_id))
         assert isinstance(response, HoleClosed)
+        return response.totals()
+
+    async def read_hole(self, test_id: str) -> HoleTotals | None:
+        response, _ = await self._call(ReadHole(test_id=test_id))
+        assert isinstance(response, HoleCounted)
         return response.totals()
 
     async def prepare_firewall(self) -> None:
@@ -260,6 +271,9 @@ class HelperMissing:
         raise FirewallUnavailable(self._why)
 
     async def close_hole(self, test_id: str) -> HoleTotals | None:
+        raise FirewallUnavailable(self._why)
+
+    async def read_hole(self, test_id: str) -> HoleTotals | None:
         raise FirewallUnavailable(self._why)
 
     async def prepare_firewall(self) -> None:

@@ -1,4 +1,4 @@
-"""The privileged helper: a socket-activated root daemon with four requests and nothing else.
+"""The privileged helper: a socket-activated root daemon with six requests and nothing else.
 
 Run by `reflector-privd.service` (`python -m reflector.privsep.helper --config FILE`) on the
 listening socket of `reflector-privd.socket` (sd_listen_fds: LISTEN_FDS/LISTEN_PID, fd 3).
@@ -10,7 +10,8 @@ Each connection carries one request and one response:
    request table (protocol.REQUESTS), checked for meaning against the helper's OWN reading of
    the config file (protocol.HelperPolicy).
 3. The handler acts: an engine starts as `systemd-run --scope --uid=<engine user>` with the caps
-   from the config (scope.py), or a hole opens in Reflector's nftables table.
+   from the config (scope.py), or a hole opens in (is read from, or closes in) Reflector's
+   nftables table.
 4. The response goes back, with the engine's stdout and stderr read ends beside it (SCM_RIGHTS).
 
 The helper enforces no time limit itself: systemd kills a scope at RuntimeMaxSec=.
@@ -44,6 +45,7 @@ from reflector.privsep.protocol import (
     OpenHole,
     PrepareFirewall,
     ProtocolError,
+    ReadHole,
     Refused,
     Request,
     Response,
@@ -294,6 +296,7 @@ class _Server:
             StopEngine: self._no_fds(self.supervisor.stop),
             OpenHole: self._no_fds(self.supervisor.open_hole),
             CloseHole: self._no_fds(self.supervisor.close_hole),
+            ReadHole: self._no_fds(self.supervisor.read_hole),
             PrepareFirewall: self._no_fds(self.supervisor.prepare),
         }
 

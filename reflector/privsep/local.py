@@ -45,6 +45,7 @@ from reflector.privsep.protocol import (
     HoleTotals,
     OpenHole,
     PrepareFirewall,
+    ReadHole,
     Refused,
     StartEngine,
     StopEngine,
@@ -310,6 +311,12 @@ class LocalEngineHost:
 
     async def close_hole(self, test_id: str) -> HoleTotals | None:
         response = await self._supervisor.close_hole(CloseHole(test_id=test_id))
+        if isinstance(response, Refused):
+            raise response.error()
+        return response.totals()
+
+    async def read_hole(self, test_id: str) -> HoleTotals | None:
+        response = await self._supervisor.read_hole(ReadHole(test_id=test_id))
         if isinstance(response, Refused):
             raise response.error()
         return response.totals()

@@ -5,7 +5,7 @@ with no capabilities; the few things that need privilege (starting an engine in 
 systemd scope under another uid, changing Reflector's nftables table) cross this interface to a
 small root helper, as OpenSSH's monitor does it:
 
-- The whole interface is one table, `REQUESTS` below: four request types, nothing else.
+- The whole interface is one table, `REQUESTS` below: six request types, nothing else.
   Unknown types, missing or extra fields are refused before any handler runs.
 - Every field is checked for format here (`decode_request`) and for *meaning* against the
   helper's own reading of the config (`HelperPolicy.check`): ports inside the configured range,
@@ -52,12 +52,14 @@ __all__ = [
     "FrameReader",
     "HelperPolicy",
     "HoleClosed",
+    "HoleCounted",
     "HoleOpened",
     "HoleTotals",
     "OpenHole",
     "PrepareFirewall",
     "PrivsepError",
     "ProtocolError",
+    "ReadHole",
     "Refused",
     "Request",
     "Response",
@@ -227,6 +229,19 @@ class CloseHole:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ReadHole:
+    """What a test's holes have carried so far (their nftables counters); they stay open.
+
+    The parent asks while a direct-mode test runs and charges the bytes to the peer's quota, so
+    a crash of the parent loses only the bytes since its last reading (the hole's counter dies
+    with the hole at its kernel timeout).
+    """
+
+    TYPE: ClassVar[str] = "read_hole"
+    test_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class PrepareFirewall:
     """Direct mode: make sure Reflector's own table is in place (idempotent, no arguments).
 
@@ -237,7 +252,7 @@ class PrepareFirewall:
     TYPE: ClassVar[str] = "prepare_firewall"
 
 
-Request = StartEngine | StopEngine | OpenHole | CloseHole | PrepareFirewall
+Request = StartEngine | StopEngine | OpenHole | CloseHole | ReadHole | PrepareFirewall
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,13 +316,12 @@ class HoleOpened:
 
 
 @dataclass(frozen=True, kw_only=True)
-class HoleClosed:
-    """The test's holes are gone; what they carried (nftables counters), None if unknown.
+class _HoleCount:
+    """What a test's holes carried (nftables counters), None if unknown.
 
     `expired` holes had already timed out in the kernel, so their bytes are missing.
     """
 
-    TYPE: ClassVar[str] = "hole_closed"
     test_id: str
     packets: int | None
     bytes: int | None
@@ -317,6 +331,20 @@ class HoleClosed:
         if self.packets is None or self.bytes is None:
             return None
         return HoleTotals(packets=self.packets, bytes=self.bytes, expired=self.expired or 0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HoleClosed(_HoleCount):
+    """The test's holes are gone; what they carried."""
+
+    TYPE: ClassVar[str] = "hole_closed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HoleCounted(_HoleCount):
+    """What the test's holes have carried so far; they are still open."""
+
+    TYPE: ClassVar[str] = "hole_counted"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,7 +369,9 @@ class FirewallReady:
     TYPE: ClassVar[str] = "firewall_ready"
 
 
-Response = EngineStarted | EngineStopped | HoleOpened | HoleClosed | FirewallReady | Refused
+Response = (
+    EngineStarted | EngineStopped | HoleOpened | HoleClosed | HoleCounted | FirewallReady | Refused
+)
 
 
 # What the parent works with (the same shape whether the helper or the local fallback runs it).
@@ -487,6 +517,13 @@ _LIMIT_FIELDS: Final[Mapping[str, _Check]] = {
     "tasks_max": _int(1, _MAX_TASKS),
 }
 
+_HOLE_COUNT_FIELDS: Final[Mapping[str, _Check]] = {
+    "test_id": _TEST_ID,
+    "packets": _opt_int(0, _MAX_BYTES),
+    "bytes": _opt_int(0, _MAX_BYTES),
+    "expired": _opt_int(0, 64),
+}
+
 # The ONLY requests the helper knows: type -> (message class, field checks). Anything not in
 # this table is refused before a handler runs (OpenSSH monitor.c's mon_dispatch table).
 REQUESTS: Final[Mapping[str, tuple[type[Any], Mapping[str, _Check]]]] = {
@@ -515,6 +552,7 @@ REQUESTS: Final[Mapping[str, tuple[type[Any], Mapping[str, _Check]]]] = {
         },
     ),
     "close_hole": (CloseHole, {"test_id": _TEST_ID}),
+    "read_hole": (ReadHole, {"test_id": _TEST_ID}),
     "prepare_firewall": (PrepareFirewall, {}),
 }
 
@@ -541,15 +579,8 @@ RESPONSES: Final[Mapping[str, tuple[type[Any], Mapping[str, _Check]]]] = {
         },
     ),
     "hole_opened": (HoleOpened, {"test_id": _TEST_ID}),
-    "hole_closed": (
-        HoleClosed,
-        {
-            "test_id": _TEST_ID,
-            "packets": _opt_int(0, _MAX_BYTES),
-            "bytes": _opt_int(0, _MAX_BYTES),
-            "expired": _opt_int(0, 64),
-        },
-    ),
+    "hole_closed": (HoleClosed, _HOLE_COUNT_FIELDS),
+    "hole_counted": (HoleCounted, _HOLE_COUNT_FIELDS),
     "firewall_ready": (FirewallReady, {}),
     "refused": (Refused, {"code": _choice(*REFUSAL_CODES), "message": _text(MAX_MESSAGE_LEN)}),
 }
@@ -735,7 +766,7 @@ class HelperPolicy:
             return self._check_hole(request)
         if isinstance(request, PrepareFirewall) and self.mode != "direct_ephemeral":
             return Refused(code="not_permitted", message="the table exists only in direct mode")
-        return None  # stop/close only name a test; the helper looks it up
+        return None  # stop/close/read only name a test; the helper looks it up
 
     def _check_start(self, req: StartEngine, running: Mapping[str, int]) -> Refused | None:
         if req.kind not in self.allowed_kinds:

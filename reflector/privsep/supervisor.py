@@ -31,9 +31,11 @@ from reflector.privsep.protocol import (
     FirewallReady,
     HelperPolicy,
     HoleClosed,
+    HoleCounted,
     HoleOpened,
     OpenHole,
     PrepareFirewall,
+    ReadHole,
     Refused,
     StartEngine,
     StopEngine,
@@ -120,6 +122,8 @@ class Firewall(Protocol):
 
     def close_hole(self, test_id: str) -> Any: ...  # HoleCounters | None
 
+    def hole_counters(self, test_id: str) -> Any: ...  # HoleCounters | None
+
 
 def load_firewall(config: Config) -> Firewall | str:
     """Reflector's nftables table, installed afresh (stale holes dropped), or why not.
@@ -137,7 +141,7 @@ def load_firewall(config: Config) -> Firewall | str:
 
 
 class EngineSupervisor:
-    """Decides (via `HelperPolicy`) and acts on the four requests; one per helper or host."""
+    """Decides (via `HelperPolicy`) and acts on the helper's requests; one per helper or host."""
 
     def __init__(
         self,
@@ -357,24 +361,45 @@ class EngineSupervisor:
                 del self._hole_expiry[test_id]
 
     async def close_hole(self, req: CloseHole) -> HoleClosed | Refused:
-        if req.test_id not in self.holes:
-            return Refused(code="unknown_test", message=f"no hole for test {req.test_id}")
+        counts = await self._count_holes(req.test_id, "closed", lambda fw, t: fw.close_hole(t))
+        if isinstance(counts, Refused):
+            return counts
+        del self.holes[req.test_id]
+        self._hole_expiry.pop(req.test_id, None)
+        return HoleClosed(test_id=req.test_id, **counts)
+
+    async def read_hole(self, req: ReadHole) -> HoleCounted | Refused:
+        """The counters of a test's open holes; nothing changes."""
+        self._forget_expired_holes()
+        counts = await self._count_holes(req.test_id, "read", lambda fw, t: fw.hole_counters(t))
+        if isinstance(counts, Refused):
+            return counts
+        return HoleCounted(test_id=req.test_id, **counts)
+
+    async def _count_holes(
+        self, test_id: str, done: str, act: Callable[[Firewall, str], Any]
+    ) -> dict[str, int | None] | Refused:
+        """Close or read (`act`) a test's holes: the counts they report, or why not."""
+        if test_id not in self.holes:
+            return Refused(code="unknown_test", message=f"no hole for test {test_id}")
         firewall = self._firewall_or_refusal()
         if isinstance(firewall, Refused):
             return firewall
         try:
-            counters = await asyncio.to_thread(firewall.close_hole, req.test_id)
+            counters = await asyncio.to_thread(act, firewall, test_id)
         except Exception as exc:  # reported; the kernel's timeout still closes the hole
-            _log.warning("hole for test %s not closed: %s", req.test_id, exc)
+            _log.warning("holes of test %s not %s: %s", test_id, done, exc)
             return Refused(code="firewall_unavailable", message=_short(str(exc)))
-        del self.holes[req.test_id]
-        self._hole_expiry.pop(req.test_id, None)
-        return HoleClosed(
-            test_id=req.test_id,
-            packets=_count(getattr(counters, "packets", None)),
-            bytes=_count(getattr(counters, "bytes", None)),
-            expired=_count(getattr(counters, "expired", None)),
-        )
+        return _hole_count(counters)
+
+
+def _hole_count(counters: object) -> dict[str, int | None]:
+    """The fields of a hole_closed/hole_counted response from the firewall's HoleCounters."""
+    return {
+        "packets": _count(getattr(counters, "packets", None)),
+        "bytes": _count(getattr(counters, "bytes", None)),
+        "expired": _count(getattr(counters, "expired", None)),
+    }
 
 
 def _stopped_by(engine: Engine, runtime_ms: int) -> StoppedBy:

@@ -92,10 +92,11 @@ STATE_UNAVAILABLE = DenyReason.STATE_UNAVAILABLE.value
 STATE_RETRY_AFTER_SEC = 60
 # get_result while the engine still runs: ask again this soon.
 RESULT_PENDING_RETRY_SEC = 1
-# While sessions run, the bytes the relay and the echo have counted so far are written to the
-# ledger this often, so a crash or kill -9 of the parent loses at most this much of a peer's
-# usage (a direct-mode iperf3's bytes are known only when it ends: see README, Accounting).
-# One small sqlite UPDATE per session each time, and no timer at all when nothing runs.
+# While sessions run, the bytes the relay and the echo have counted so far (in direct mode: the
+# kernel's counters of the session's holes, read through the helper) are written to the ledger
+# this often, so a crash or kill -9 of the parent loses at most this much of a peer's usage.
+# One small sqlite UPDATE (and in direct mode one helper request) per session each time, and no
+# timer at all when nothing runs.
 ACCOUNTING_CHECKPOINT_SEC = 5.0
 
 
@@ -169,6 +170,7 @@ class EndpointService(Service):
         self.engine_limits = EngineLimits.from_config(config)
         self._timer: asyncio.TimerHandle | None = None
         self._checkpoint_timer: asyncio.TimerHandle | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()
 
     async def prepare(self) -> None:
@@ -241,6 +243,10 @@ class EndpointService(Service):
         if self._checkpoint_timer is not None:
             self._checkpoint_timer.cancel()
             self._checkpoint_timer = None
+        if self._checkpointing is not None:  # the finishes below charge everything
+            self._checkpointing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointing
         for session in self.manager.shutdown(session_clock.now()):
             self._spawn_finish(session)
         if self._finishing:
@@ -677,19 +683,38 @@ class EndpointService(Service):
             self._rearm()
 
     def _arm_checkpoint(self) -> None:
-        if self._checkpoint_timer is None and self.runs:
+        if self._checkpoint_timer is None and self._checkpointing is None and self.runs:
             loop = asyncio.get_running_loop()
             self._checkpoint_timer = loop.call_later(ACCOUNTING_CHECKPOINT_SEC, self._checkpoint)
 
     def _checkpoint(self) -> None:
-        """Write every running session's bytes so far to the ledger (see the constant)."""
         self._checkpoint_timer = None
+        self._checkpointing = asyncio.get_running_loop().create_task(self._checkpoint_runs())
+
+    async def _checkpoint_runs(self) -> None:
+        """Write every running session's bytes so far to the ledger (see the constant)."""
         for run in list(self.runs.values()):
+            rx, tx = run.live_bytes()
+            if run.holes:
+                kernel_bytes = await self._read_holes(run)
+                if self.runs.get(run.session.session_id) is not run:
+                    continue  # it ended meanwhile, and its end charged all of it
+                rx, tx = with_kernel_bytes(run.session, kernel_bytes, rx, tx)
             try:
-                run.charge(self.store, *run.live_bytes())
+                run.charge(self.store, rx, tx)
             except LedgerError as exc:  # the end of the session tries again
                 _log.error("cannot checkpoint the bytes of %s: %s", run.session.session_id, exc)
+        self._checkpointing = None
         self._arm_checkpoint()
+
+    async def _read_holes(self, run: _Run) -> int | None:
+        """Direct mode: the bytes the session's holes have carried so far, or None if unknown."""
+        try:
+            totals = await self.engine_host.read_hole(run.session.session_id)
+        except PrivsepError as exc:  # the close reads them again
+            _log.warning("cannot read the holes of %s: %s", run.session.session_id, exc)
+            return None
+        return totals.bytes if totals is not None else None
 
     def _spawn_finish(self, session: Session) -> None:
         task = asyncio.get_running_loop().create_task(self._finish(session))
@@ -720,9 +745,7 @@ class EndpointService(Service):
                 self._echoes.pop(run.echo_key, None)
         kernel_bytes = await self._close_holes(run)
         if kernel_bytes is not None and kernel_bytes > rx + tx:
-            # Direct mode: the kernel's per-hole count (headers included) is the authority.
-            upload = not (isinstance(session.params, ThroughputParams) and session.params.reverse)
-            rx, tx = (kernel_bytes - tx, tx) if upload else (rx, kernel_bytes - rx)
+            rx, tx = with_kernel_bytes(session, kernel_bytes, rx, tx)
             result["firewall_bytes"] = kernel_bytes
         try:
             run.charge(self.store, rx, tx)
@@ -833,6 +856,20 @@ class EndpointService(Service):
             reason=refusal.code,
             mode="tunnel",
         )
+
+
+def with_kernel_bytes(
+    session: Session, kernel_bytes: int | None, rx: int, tx: int
+) -> tuple[int, int]:
+    """(rx, tx) with the kernel's per-hole count (both ways, headers included) as the authority.
+
+    Direct mode: where the holes carried more than the engines counted, the direction the test
+    loads (upload unless a reverse throughput test) is charged the difference.
+    """
+    if kernel_bytes is None or kernel_bytes <= rx + tx:
+        return rx, tx
+    upload = not (isinstance(session.params, ThroughputParams) and session.params.reverse)
+    return (kernel_bytes - tx, tx) if upload else (rx, kernel_bytes - rx)
 
 
 def engine_reported_bytes(result: Mapping[str, Any]) -> tuple[int, int]:

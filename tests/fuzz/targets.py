@@ -107,8 +107,10 @@ from reflector.privsep.protocol import (
     EngineStopped,
     FrameReader,
     HoleClosed,
+    HoleCounted,
     OpenHole,
     ProtocolError,
+    ReadHole,
     Refused,
     StartEngine,
     StopEngine,
@@ -859,6 +861,7 @@ def _privsep_messages() -> list[privsep_protocol.Request | privsep_protocol.Resp
         StopEngine(test_id="t1"),
         OpenHole(test_id="t1", peer_addr="2001:db8::2", proto="tcp", port=5201, ttl_s=65),
         CloseHole(test_id="t1"),
+        ReadHole(test_id="t1"),
         EngineStarted(
             test_id="t1", pid=42, unit="reflector-test-t1.scope", ready=True, protections=("x",)
         ),
@@ -871,6 +874,7 @@ def _privsep_messages() -> list[privsep_protocol.Request | privsep_protocol.Resp
             ip_egress_bytes=7,
         ),
         HoleClosed(test_id="t1", packets=1, bytes=2, expired=None),
+        HoleCounted(test_id="t1", packets=1, bytes=2, expired=0),
         Refused(code="busy", message="one at a time"),
     ]
 

@@ -73,6 +73,8 @@ max_test_duration_sec = 30
 max_concurrent_tests = 1
 max_tests_per_hour_per_peer = {TESTS_PER_HOUR}
 session_grace_sec = 1
+# Loopback moves gigabytes a second; the daily byte quota is not what these faults test.
+max_bytes_per_day_per_peer = 1_000_000_000_000
 
 [limits]
 memory_max = "128M"
@@ -257,8 +259,13 @@ class Endpoint:
         return doc
 
     def tests_used_this_hour(self) -> int:
-        """The appliance's test count in the hourly window, as the running service reports it."""
-        quota = self.status()["peers"][self.appliance_id]
+        """The appliance's test count in the hourly window, as the running service reports it.
+
+        Status lists the peers that tested in the last day: absent means none this hour.
+        """
+        quota = self.status()["peers"].get(self.appliance_id)
+        if quota is None:
+            return 0
         return int(quota["tests_per_hour"]) - int(quota["tests_left_this_hour"])
 
     def audit_verify(self) -> subprocess.CompletedProcess[str]:

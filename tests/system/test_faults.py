@@ -166,11 +166,21 @@ def test_the_helper_killed_mid_session_leaves_no_engine_and_the_parent_carries_o
     assert "Traceback" not in log, log[-3000:]
 
 
-def test_kill_9_of_the_parent_leaves_no_engine_no_hole_and_keeps_quota_and_audit(
+def charged_bytes(endpoint: Endpoint, session_id: str) -> int | None:
+    """What the ledger charges the session so far; None while nothing is."""
+    row = endpoint.ledger_row(session_id)
+    total = int(row["bytes_rx"]) + int(row["bytes_tx"]) if row else 0
+    return total or None
+
+
+def test_kill_9_of_the_parent_leaves_no_engine_no_hole_and_keeps_quota_bytes_and_audit(
     endpoint: Endpoint,
 ) -> None:
+    # Long enough for a byte checkpoint (every 5 s: the hole's counters, read via the helper)
+    # before the crash, with iperf3 still running.
+    test_s = 12
     used_before = endpoint.tests_used_this_hour()
-    driver = endpoint.throughput(TEST_S)
+    driver = endpoint.throughput(test_s)
     try:
         grant = driver.next_step(GRANT_TIMEOUT_S)
         assert grant["step"] == "grant", grant
@@ -179,7 +189,10 @@ def test_kill_9_of_the_parent_leaves_no_engine_no_hole_and_keeps_quota_and_audit
         await_true(lambda: endpoint.scope_active(session_id), timeout=5, what="engine scope")
         holes = await_true(endpoint.holes, timeout=5, what="the session's hole")
         assert len(holes) == 1 and "127.0.0.1" in holes[0] and str(DATA_PORT) in holes[0], holes
-        time.sleep(1.0)
+        charged = await_true(
+            lambda: charged_bytes(endpoint, session_id), timeout=9, what="a byte checkpoint"
+        )
+        assert endpoint.scope_active(session_id), "the crash must strike while iperf3 runs"
         endpoint.crash(PARENT_UNIT)
         await_true(
             lambda: endpoint.unit_state(PARENT_UNIT) in ("failed", "inactive"),
@@ -188,23 +201,25 @@ def test_kill_9_of_the_parent_leaves_no_engine_no_hole_and_keeps_quota_and_audit
         )
         await_true(
             lambda: not endpoint.scope_active(session_id),
-            timeout=RUNTIME_MAX_S + SCOPE_SLACK_S,
+            timeout=test_s + RUNTIME_GRACE_S + SCOPE_SLACK_S,
             what="the engine scope ending",
         )
         scope_gone = time.monotonic() - granted
         # The hole's kernel timeout is the session's lifetime plus a grace (firewall.hole_ttl_s).
-        await_true(lambda: not endpoint.holes(), timeout=TEST_S + 15 + 5 + 5, what="hole expiry")
+        await_true(lambda: not endpoint.holes(), timeout=test_s + 15 + 5 + 5, what="hole expiry")
         hole_gone = time.monotonic() - granted
         driver.wait(DRIVER_TIMEOUT_S)
     finally:
         driver.stop()
     print(f"\nafter the grant: scope gone at {scope_gone:.1f} s, hole gone at {hole_gone:.1f} s")
-    assert scope_gone <= RUNTIME_MAX_S + SCOPE_SLACK_S
+    assert scope_gone <= test_s + RUNTIME_GRACE_S + SCOPE_SLACK_S
     endpoint.start_parent()
-    # The interrupted test still counts: the ledger kept it and the new process closed it.
+    # The interrupted test still counts: the ledger kept it and the new process closed it,
+    # with the bytes charged up to the last checkpoint before the crash.
     assert endpoint.tests_used_this_hour() == used_before + 1
     row = endpoint.ledger_row(session_id)
     assert row is not None and row["outcome"] == "interrupted", row
+    assert row["bytes_rx"] + row["bytes_tx"] >= charged > 0, row
     verify = endpoint.audit_verify()
     assert verify.returncode == 0 and ": ok," in verify.stdout, verify.stdout + verify.stderr
     assert "session_grant" in session_events(endpoint, session_id)

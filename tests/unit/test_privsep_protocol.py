@@ -22,11 +22,13 @@ from reflector.privsep.protocol import (
     FrameReader,
     HelperPolicy,
     HoleClosed,
+    HoleCounted,
     HoleOpened,
     OpenHole,
     PrepareFirewall,
     PrivsepError,
     ProtocolError,
+    ReadHole,
     Refused,
     StartEngine,
     StopEngine,
@@ -117,13 +119,15 @@ def roundtrip(message: Any) -> Any:
 # --- The table
 
 
-def test_the_interface_is_exactly_five_requests() -> None:
-    """The four the issue names, and the read-mostly, argument-free prepare_firewall."""
+def test_the_interface_is_exactly_six_requests() -> None:
+    """The four the issue names, the argument-free prepare_firewall, and read_hole, which only
+    reads a test's counters (for accounting while it runs)."""
     assert set(REQUESTS) == {
         "start_engine",
         "stop_engine",
         "open_hole",
         "close_hole",
+        "read_hole",
         "prepare_firewall",
     }
 
@@ -156,6 +160,7 @@ def test_prepare_firewall_takes_no_arguments_and_only_in_direct_mode() -> None:
         StopEngine(test_id="t1"),
         OpenHole(test_id="t1", peer_addr="203.0.113.5", proto="udp", port=5205, ttl_s=30),
         CloseHole(test_id="t1"),
+        ReadHole(test_id="t1"),
         PrepareFirewall(),
     ],
 )
@@ -183,6 +188,7 @@ def test_every_request_survives_the_wire(message: Any) -> None:
         ),
         HoleOpened(test_id="t1"),
         HoleClosed(test_id="t1", packets=3, bytes=300, expired=0),
+        HoleCounted(test_id="t1", packets=2, bytes=200, expired=None),
         FirewallReady(),
         Refused(code="busy", message="1 iperf3 engine(s) already running"),
     ],
@@ -463,9 +469,14 @@ def test_a_hole_outside_the_range_or_beyond_the_longest_test_is_refused() -> Non
         assert refusal.code == "out_of_range"
 
 
-def test_stop_and_close_only_name_a_test() -> None:
+def test_stop_close_and_read_only_name_a_test() -> None:
     assert check({"type": "stop_engine", "test_id": "t1"}) is None
     assert check({"type": "close_hole", "test_id": "t1"}) is None
+    assert check({"type": "read_hole", "test_id": "t1"}) is None
+    with pytest.raises(ProtocolError, match="unknown field"):
+        decode_request({"type": "read_hole", "test_id": "t1", "reset": True})
+    with pytest.raises(ProtocolError, match="test_id must be"):
+        decode_request({"type": "read_hole", "test_id": "t1; flush ruleset"})
 
 
 def test_sizes_and_percentages_use_systemd_units() -> None:
