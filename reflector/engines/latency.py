@@ -61,6 +61,10 @@ MIN_INTERVAL_S: Final = 0.001
 REPLY_WAIT_S: Final = 1.0
 # Progress reports at most this often: a UI needs no more.
 PROGRESS_INTERVAL_S: Final = 1.0
+# A sender that fell behind its schedule (a stalled thread, a busy CPU) catches up at most this
+# many times faster than its interval, never in one burst: a burst would queue behind itself and
+# count as latency, and beyond the reflector's small burst allowance it is dropped as over-rate.
+CATCH_UP_SPEEDUP: Final = 2.0
 
 _NS_PER_MS: Final = 1_000_000
 _SO_TIMESTAMPNS: Final = getattr(socket, "SO_TIMESTAMPNS", 35)  # asm-generic Linux value
@@ -282,6 +286,7 @@ def measure_latency(
     """Send authenticated STAMP probes to `target` every `interval_s` for `duration_s`.
 
     At most MAX_PACKETS probes; replies are awaited REPLY_WAIT_S after the last one at most.
+    Behind schedule, probes go out at most CATCH_UP_SPEEDUP times as often, never in a burst.
     """
     if not interval_s >= MIN_INTERVAL_S:
         raise ValueError(f"echo interval must be at least {MIN_INTERVAL_S} s, got {interval_s}")
@@ -292,10 +297,13 @@ def measure_latency(
     error_estimate = read_clock_error_estimate()
     with _connect(target) as sock:
         pacer = _Pacer(sock, recorder, progress)
+        last_sent = -math.inf
         for index in range(count):
-            pacer.receive_until(pacer.start + index * interval_s)
+            due = pacer.start + index * interval_s
+            pacer.receive_until(max(due, last_sent + interval_s / CATCH_UP_SPEEDUP))
             probe = recorder.next_probe(now_unix_ns=time.time_ns(), error_estimate=error_estimate)
             pacer.send(probe)
+            last_sent = time.monotonic()
             pacer.report()
         pacer.receive_until(time.monotonic() + REPLY_WAIT_S, stop_when_complete=True)
         pacer.report(force=True)

@@ -73,6 +73,9 @@ __all__ = [
 MAX_PPS: Final = 10_000
 # Ten packets absorb a sender's scheduling hiccup (10 ms at 1 kpps) without letting a flood by.
 RATE_BURST_PACKETS: Final = 10
+# The most a datagram's kernel arrival time may predate its handling for the rate limit: more
+# than a paused thread takes, less than could hide a clock step.
+_MAX_QUEUED_S: Final = 1.0
 # The policy allows one test at a time (spec §8.1); 64 bounds the per-packet key search and the
 # table even if an operator raises that limit a lot.
 MAX_SESSIONS: Final = 64
@@ -301,11 +304,23 @@ class EchoCore:
         return max(live, default=None)
 
     def receive(
-        self, data: bytes, source_ip: str, *, now: float, rx_ntp: int, ttl: int
+        self,
+        data: bytes,
+        source_ip: str,
+        *,
+        now: float,
+        rx_ntp: int,
+        ttl: int,
+        arrived: float | None = None,
     ) -> PendingReply | None:
-        """Decide what to do with one datagram: a reply to send, or None (dropped, counted)."""
+        """Decide what to do with one datagram: a reply to send, or None (dropped, counted).
+
+        `arrived` is when the kernel received it, on the `now` clock: the rate limit counts
+        packets as they arrived, so probes that queued while this thread was paused are not
+        taken for a burst. Deadlines are checked against `now`.
+        """
         self._total.received(len(data))
-        session, reason = self._authorize(data, source_ip, now)
+        session, reason = self._authorize(data, source_ip, now, now if arrived is None else arrived)
         if reason is not None:
             self._drop(session, reason)
             return None
@@ -313,7 +328,7 @@ class EchoCore:
         return self._reply(session, data, rx_ntp=rx_ntp, ttl=ttl)
 
     def _authorize(
-        self, data: bytes, source_ip: str, now: float
+        self, data: bytes, source_ip: str, now: float, arrived: float
     ) -> tuple[_Session | None, str | None]:
         """(the session the packet belongs to, or None; the drop reason, or None to reply).
 
@@ -336,7 +351,7 @@ class EchoCore:
             session.counters.received(len(data))
         if now >= session.deadline:
             return session, "expired"
-        if not session.bucket.take(now):
+        if not session.bucket.take(arrived):
             return session, "rate"
         return session, None
 
@@ -621,11 +636,19 @@ class UdpEchoReflector:
 
     def _handle(self, data: bytes, ancdata: list[tuple[int, int, bytes]], addr: Any) -> None:
         anc = _parse_ancillary(ancdata)
-        rx_ns = anc.rx_unix_ns if anc.rx_unix_ns is not None else time.time_ns()
+        now, wall_ns = time.monotonic(), time.time_ns()
+        rx_ns = anc.rx_unix_ns if anc.rx_unix_ns is not None else wall_ns
+        # How long it waited in the socket buffer (bounded: a wall-clock step must not matter).
+        queued = min(max(0.0, (wall_ns - rx_ns) / 1e9), _MAX_QUEUED_S)
         source = normalize_ip(str(addr[0]))
         with self._lock:
             pending = self._core.receive(
-                data, source, now=time.monotonic(), rx_ntp=unix_ns_to_ntp(rx_ns), ttl=anc.ttl
+                data,
+                source,
+                now=now,
+                rx_ntp=unix_ns_to_ntp(rx_ns),
+                ttl=anc.ttl,
+                arrived=now - queued,
             )
         if pending is None:
             return

@@ -222,6 +222,29 @@ def test_measure_latency_against_the_reflector() -> None:
     assert (reports[-1].sent, reports[-1].received) == (50, 50)
 
 
+def test_after_a_stall_the_sender_catches_up_without_a_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 0.3 s stall is 30 late probes; sent at once they would overrun the reflector's burst
+    allowance of 10 at 1000 pps. Caught up at twice the rate, none is dropped."""
+    stalled: list[float] = []
+
+    def stall_once(_: LatencyProgress) -> None:
+        if not stalled:
+            stalled.append(time.monotonic())
+            time.sleep(0.3)
+
+    with UdpEchoReflector(("127.0.0.1", 0)) as echo:
+        echo.add_session("s", "127.0.0.1", KEY, time.monotonic() + 10, 1000)
+        monkeypatch.setattr(latency, "PROGRESS_INTERVAL_S", 0.05)
+        result = measure_latency(echo.address, KEY, SSID, 0.6, 0.01, 112, stall_once)
+        stats = echo.stats("s")
+    assert stalled, "the stall happened"
+    assert stats.dropped["rate"] == 0
+    assert (result.sent, result.received, result.lost) == (60, 60, 0)
+    assert stats.rx_packets == 60
+
+
 def test_reflector_rate_clamp_shows_as_forward_loss() -> None:
     with UdpEchoReflector(("127.0.0.1", 0)) as echo:
         # 1 ms probes against a 50 pps clamp: most never get past the reflector.

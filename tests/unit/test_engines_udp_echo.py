@@ -139,6 +139,27 @@ def test_core_rate_clamp_allows_a_small_burst_then_max_pps() -> None:
     assert core.stats("s1").dropped["rate"] == 500 - 10 + 50 - 10
 
 
+def test_core_rate_clamp_counts_packets_as_they_arrived_not_as_they_are_handled() -> None:
+    """Probes that arrived at max_pps but waited in the socket buffer while the reflector's
+    thread was paused pass; packets that arrived together are still a burst. Deadlines are
+    checked at handling time."""
+    core = _core(max_pps=100)
+    handled_at = NOW + 5  # all 50 handled at once, after a pause
+    queued = [
+        core.receive(_probe(i), PEER, now=handled_at, rx_ntp=RX_NTP, ttl=64, arrived=NOW + i / 100)
+        for i in range(50)
+    ]
+    assert all(p is not None for p in queued)
+    together = [
+        core.receive(_probe(i), PEER, now=handled_at, rx_ntp=RX_NTP, ttl=64, arrived=handled_at)
+        for i in range(50)
+    ]
+    assert sum(p is not None for p in together) == RATE_BURST_PACKETS
+    late = _core(max_pps=100, deadline=NOW + 1)
+    assert late.receive(_probe(1), PEER, now=NOW + 2, rx_ntp=RX_NTP, ttl=64, arrived=NOW) is None
+    assert late.stats("s1").dropped["expired"] == 1
+
+
 def test_core_routes_each_probe_to_the_session_whose_key_signed_it() -> None:
     core = _core()
     core.add_session(
