@@ -51,6 +51,7 @@ RSS_BOUND = 160 * 2**20
 GARBAGE_PPS = 10_000
 GARBAGE_SECONDS = 3
 FLOOD_ATTEMPTS = 400
+FLOOD_THREADS = 4
 # The first bytes of a TLS ClientHello record: a handshake that starts and never finishes.
 PARTIAL_CLIENT_HELLO = bytes.fromhex("160301020001")
 
@@ -107,11 +108,10 @@ def test_a_handshake_flood_from_one_address_is_rate_limited(served: Served) -> N
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     stop = time.monotonic() + 10
-    refused = 0
+    tries: list[bool] = []  # one per attempt: refused or not (list.append is thread-safe)
 
     def flood() -> None:
-        nonlocal refused
-        for _ in range(FLOOD_ATTEMPTS):
+        for _ in range(FLOOD_ATTEMPTS // FLOOD_THREADS):
             if time.monotonic() > stop:
                 return
             try:
@@ -122,18 +122,26 @@ def test_a_handshake_flood_from_one_address_is_rate_limited(served: Served) -> N
                     context.wrap_socket(raw) as tls,
                 ):
                     tls.recv(1)
+                tries.append(False)
             except (OSError, ssl.SSLError):
-                refused += 1
+                tries.append(True)
 
-    flooder = threading.Thread(target=flood)
-    flooder.start()
+    # Several threads (OpenSSL releases the GIL), so the flood outruns the per-source rate even
+    # where one handshake takes tens of milliseconds.
+    flooders = [threading.Thread(target=flood) for _ in range(FLOOD_THREADS)]
+    for flooder in flooders:
+        flooder.start()
     try:
         times = [peer_round_trip(served) for _ in range(5)]
     finally:
-        flooder.join()
-    print(f"\npeer round trips during the flood: {times}; flood attempts refused: {refused}")
+        for flooder in flooders:
+            flooder.join()
+    refused = sum(tries)
+    print(f"\npeer round trips during the flood: {times}; refused {refused} of {len(tries)}")
     assert max(times) < PEER_BOUND_S, times
-    assert refused >= FLOOD_ATTEMPTS * 0.9  # no client certificate, or rate-limited: all fail
+    # No client certificate, or rate-limited: all fail (a few may see a plain close, not an
+    # alert, which is a refusal this loop cannot tell from an answer).
+    assert tries and refused >= 0.9 * len(tries)
     denies = {e.get("reason") for e in served.events("connection_deny")}
     assert "rate_limited" in denies
 

@@ -54,8 +54,9 @@ journald = "off"
 """
 PEER = "127.0.0.2"
 # The paired peer's hello (a new TLS connection) and health round trip must each finish within
-# this while an attack runs: 20x a quiet loopback's, room for a loaded CI machine.
-PEER_BOUND_S = 1.0
+# this while an attack runs: far beyond a quiet loopback's ~10 ms, room for a loaded 2-core CI
+# machine, far below the 10 s handshake timeout a starved listener would show.
+PEER_BOUND_S = 2.0
 # Idle, the endpoint holds about 55 MiB; every attack here must fit in 64 MiB more (frames are
 # bounded by max_frame_size, connections by the caps, results by MAX_KEPT_RESULTS).
 RSS_BOUND = 55 * 2**20 + 64 * 2**20

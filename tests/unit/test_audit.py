@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import io
 import json
@@ -655,6 +656,7 @@ def test_forged_or_foreign_journal_entries_do_not_break_normalization() -> None:
 
 
 def test_jsonl_sink_leaves_no_stray_descriptors(tmp_path: Path) -> None:
+    gc.collect()  # so an earlier test's unreferenced socket is not finalized mid-count
     before = len(os.listdir("/proc/self/fd"))
     log, _ = jsonl_log(tmp_path)
     emit_sessions(log, 2)

@@ -261,7 +261,9 @@ def _assert_silent(sock: socket.socket) -> None:
 
 
 def test_authenticated_round_trip(reflector: UdpEchoReflector) -> None:
+    before = read_clock_error_estimate()  # read once per session, when it is added
     _add(reflector)
+    after = read_clock_error_estimate()
     with _client(reflector) as sock:
         probe = _probe(3)
         sock.send(probe)
@@ -270,7 +272,8 @@ def test_authenticated_round_trip(reflector: UdpEchoReflector) -> None:
     assert len(data) == len(probe) == 112
     assert reply.sender_seq == 3
     assert reply.sender_ttl == 64  # Linux's default TTL, read from IP_RECVTTL
-    assert reply.error_estimate == read_clock_error_estimate()
+    # A synchronized kernel's error bound grows each second, so it may move between reads.
+    assert reply.error_estimate in (before, after)
 
 
 def test_processing_time_is_small_and_non_negative(reflector: UdpEchoReflector) -> None:
@@ -336,15 +339,15 @@ def test_wrong_source_address_is_ignored(reflector: UdpEchoReflector) -> None:
     assert reflector.stats("s1").rx_packets == 0
 
 
-def _settled_count(reflector: UdpEchoReflector) -> tuple[int, float]:
-    """The session's received count once it stops changing, and when it last changed."""
+def _settled_count(reflector: UdpEchoReflector) -> int:
+    """The session's received count once it stops changing for SILENCE_S."""
     last, changed_at = -1, time.monotonic()
     while time.monotonic() - changed_at < SILENCE_S:
         count = reflector.stats("s1").rx_packets
         if count != last:
             last, changed_at = count, time.monotonic()
         time.sleep(0.005)
-    return last, changed_at
+    return last
 
 
 def _drain(sock: socket.socket) -> int:
@@ -368,22 +371,23 @@ def test_rate_clamp_holds_under_a_burst(reflector: UdpEchoReflector) -> None:
         for seq in range(burst):
             sock.send(_probe(seq))
         # The kernel may drop part of a burst: fine, the clamp applies to what arrives.
-        received, settled_at = _settled_count(reflector)
+        _settled_count(reflector)
         replies = _drain(sock)
-    elapsed = settled_at - start  # from the first probe to the reflector's last read
-    assert received > RATE_BURST_PACKETS
+    # The burst arrived within this span, so the clamp allowed at most this many replies.
+    elapsed = time.monotonic() - start
+    stats = reflector.stats("s1")  # counted after the last reply: nothing is still in flight
+    assert stats.rx_packets > RATE_BURST_PACKETS
     assert RATE_BURST_PACKETS <= replies <= RATE_BURST_PACKETS + max_pps * elapsed
-    stats = reflector.stats("s1")
     assert stats.tx_packets == replies
-    assert stats.dropped["rate"] == received - replies
+    assert stats.dropped["rate"] == stats.rx_packets - replies
 
 
 def test_expiry_stops_replies_and_the_thread(reflector: UdpEchoReflector) -> None:
-    _add(reflector, seconds=0.3)
+    _add(reflector, seconds=1.0)
     with _client(reflector) as sock:
         sock.send(_probe(1))
         assert stamp.decode_reflector(sock.recv(2048), KEY).sender_seq == 1
-        assert reflector.wait(timeout=2.0), "serving thread still running after the deadline"
+        assert reflector.wait(timeout=3.0), "serving thread still running after the deadline"
         sock.send(_probe(2))
         _assert_silent(sock)
     assert reflector.stats("s1").tx_packets == 1

@@ -239,7 +239,9 @@ def test_a_slow_client_gets_one_deadline_for_the_whole_head() -> None:
 
     head, waited = _serve(scenario, read_timeout=0.4)
     assert head.startswith(b"HTTP/1.1 408 ")
-    assert 0.4 <= waited < 1.0  # cut at the deadline although bytes kept arriving
+    # Cut at the deadline although bytes kept arriving (a deadline per byte would run to the
+    # 4 KiB head limit: over 3 minutes at this pace); the upper bound only leaves CI room.
+    assert 0.4 <= waited < 3.0
 
 
 def test_connections_beyond_the_cap_get_503_until_a_slot_frees() -> None:

@@ -195,7 +195,8 @@ def test_the_first_call_measures_over_a_fresh_quarter_second(fresh_sampler: None
     facts = path_meta("127.0.0.1", BUILD)
     net = facts["net"]
     assert isinstance(net, dict)
-    assert net["interval_sec"] == pytest.approx(meta.FRESH_SAMPLE_SEC, abs=0.2)
+    # A quarter second, not an hours-long average (a loaded machine may oversleep a little).
+    assert meta.FRESH_SAMPLE_SEC - 0.01 <= net["interval_sec"] < meta.FRESH_SAMPLE_SEC + 2
     assert net["rx_bytes_per_sec"] is not None and net["tx_bytes_per_sec"] is not None
     cpu = facts["cpu"]
     assert isinstance(cpu, dict)

@@ -31,10 +31,11 @@ def test_ready_sends_ready_and_status_then_watchdog_pings(
     async def body() -> list[bytes]:
         notifier = Notifier()
         notifier.ready("Endpoint PPXX, 0 active sessions")
-        await asyncio.sleep(0.35)
+        received = []
+        while received.count(b"WATCHDOG=1") < 3:  # each recv gives up after 2 s
+            received.append(await asyncio.to_thread(sock.recv, 4096))
         notifier.status("Endpoint PPXX, 1 active sessions")
         notifier.stopping("stopping")
-        received = []
         while not received or not received[-1].startswith(b"STOPPING"):
             received.append(sock.recv(4096))
         return received
