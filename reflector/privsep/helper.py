@@ -342,8 +342,10 @@ class _Server:
         if isinstance(response, Refused):
             _log.info("refused %s from pid %d: %s", request.TYPE, pid, response.message)
         elif not isinstance(response, EngineStarted):
+            # read_hole comes every few seconds while a test runs and changes nothing.
+            level = logging.DEBUG if isinstance(request, ReadHole) else logging.INFO
             test = getattr(request, "test_id", "-")
-            _log.info("%s for test %s from pid %d: done", request.TYPE, test, pid)
+            _log.log(level, "%s for test %s from pid %d: done", request.TYPE, test, pid)
         return response, fds
 
 
