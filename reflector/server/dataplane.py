@@ -693,25 +693,34 @@ class EndpointService(Service):
 
     async def _checkpoint_runs(self) -> None:
         """Write every running session's bytes so far to the ledger (see the constant)."""
-        for run in list(self.runs.values()):
-            rx, tx = run.live_bytes()
-            if run.holes:
-                kernel_bytes = await self._read_holes(run)
-                if self.runs.get(run.session.session_id) is not run:
-                    continue  # it ended meanwhile, and its end charged all of it
-                rx, tx = with_kernel_bytes(run.session, kernel_bytes, rx, tx)
-            try:
-                run.charge(self.store, rx, tx)
-            except LedgerError as exc:  # the end of the session tries again
-                _log.error("cannot checkpoint the bytes of %s: %s", run.session.session_id, exc)
+        try:
+            for run in list(self.runs.values()):
+                await self._checkpoint_run(run)
+        except asyncio.CancelledError:  # shutdown: the finishes charge everything
+            self._checkpointing = None
+            raise
+        except Exception:  # a bug must not switch checkpoints off for good
+            _log.exception("byte checkpoint failed")
         self._checkpointing = None
         self._arm_checkpoint()
+
+    async def _checkpoint_run(self, run: _Run) -> None:
+        rx, tx = run.live_bytes()
+        if run.holes:
+            kernel_bytes = await self._read_holes(run)
+            if self.runs.get(run.session.session_id) is not run:
+                return  # it ended meanwhile, and its end charged all of it
+            rx, tx = with_kernel_bytes(run.session, kernel_bytes, rx, tx)
+        try:
+            run.charge(self.store, rx, tx)
+        except LedgerError as exc:  # the end of the session tries again
+            _log.error("cannot checkpoint the bytes of %s: %s", run.session.session_id, exc)
 
     async def _read_holes(self, run: _Run) -> int | None:
         """Direct mode: the bytes the session's holes have carried so far, or None if unknown."""
         try:
             totals = await self.engine_host.read_hole(run.session.session_id)
-        except PrivsepError as exc:  # the close reads them again
+        except (PrivsepError, OSError) as exc:  # e.g. the helper timed out; the close reads again
             _log.warning("cannot read the holes of %s: %s", run.session.session_id, exc)
             return None
         return totals.bytes if totals is not None else None

@@ -558,9 +558,13 @@ def ledger_bytes(state: Path, peer_id: str) -> int:
         return store.peer_usage(peer_id, clock.now()).bytes_last_day
 
 
-async def charged_while_running(tmp: Path, extra: str = "") -> None:
+async def charged_while_running(
+    tmp: Path, extra: str = "", prepare: Callable[[Running], None] | None = None
+) -> None:
     """A 3 s throughput test: its bytes reach the ledger before it ends, and none twice."""
     async with endpoint(tmp / "ep", extra) as ep:
+        if prepare is not None:
+            prepare(ep)
         client = await paired_client(ep, tmp)
         app = ApplianceIdentity.open(tmp / "app")
         test = asyncio.ensure_future(
@@ -591,9 +595,26 @@ def test_bytes_reach_the_ledger_while_the_test_runs_and_are_charged_once(
 
 
 def direct_checkpoint_scenario(state: str) -> None:
-    """In a private namespace (see the test): the checkpoints read the holes' counters."""
+    """In a private namespace (see the test): the checkpoints read the holes' counters, and a
+    reading that fails (here the first: a helper that timed out) costs one checkpoint only."""
     dataplane_module.ACCOUNTING_CHECKPOINT_SEC = 0.3
-    run(charged_while_running(Path(state), '[network]\nmode = "direct_ephemeral"\n'))
+    failed: list[str] = []
+
+    def first_read_times_out(ep: Running) -> None:
+        host = ep.service.engine_host
+        read_hole = host.read_hole
+
+        async def flaky(test_id: str) -> Any:
+            if not failed:
+                failed.append(test_id)
+                raise TimeoutError("timed out")
+            return await read_hole(test_id)
+
+        host.read_hole = flaky  # type: ignore[method-assign]
+
+    direct = '[network]\nmode = "direct_ephemeral"\n'
+    run(charged_while_running(Path(state), direct, first_read_times_out))
+    assert failed, "the first reading failed"
 
 
 @pytest.mark.system
