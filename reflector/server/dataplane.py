@@ -753,8 +753,9 @@ class EndpointService(Service):
                 run.echo.close()
                 self._echoes.pop(run.echo_key, None)
         kernel_bytes = await self._close_holes(run)
-        if kernel_bytes is not None and kernel_bytes > rx + tx:
-            rx, tx = with_kernel_bytes(session, kernel_bytes, rx, tx)
+        counted = rx, tx
+        rx, tx = with_kernel_bytes(session, kernel_bytes, rx, tx)
+        if (rx, tx) != counted:  # the kernel saw more than the engines counted
             result["firewall_bytes"] = kernel_bytes
         try:
             run.charge(self.store, rx, tx)

@@ -93,21 +93,17 @@ async def start(
     handler = _ServiceHandler()
     listener = Listener(config.network, context, handler)
     health_server: asyncio.Server | None = None
+    service: Service | None = None
     try:
         bound = await _bind(listener, addresses or config.network.listen_address)
         health_server = await _start_health(config.network.health_http_address)
         factory = service_factory or EndpointService
         service = factory(config, identity, audit, deps or default_deps())
-    except BaseException as exc:
-        await _close_listeners(listener, health_server)
-        audit.emit("service_stop", reason=str(exc) or type(exc).__name__)
-        audit.close()
-        raise
-    try:
         await service.prepare()  # direct mode: Reflector's nftables table, before READY
     except BaseException as exc:
         await _close_listeners(listener, health_server)
-        await service.close()
+        if service is not None:
+            await service.close()
         audit.emit("service_stop", reason=str(exc) or type(exc).__name__)
         audit.close()
         raise

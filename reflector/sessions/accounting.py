@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Protocol
@@ -150,12 +150,7 @@ class UsageStore:
             raise ReflectorError(f"cannot open {path}: {exc.strerror or exc}") from exc
         except sqlite3.Error as exc:
             raise ReflectorError(f"cannot open accounting database {path}: {exc}") from exc
-        try:
-            _configure(conn, path)
-        except BaseException:
-            conn.close()
-            raise
-        return cls(conn, path)
+        return cls._checked(conn, path, _configure)
 
     @classmethod
     def open_readonly(cls, state_dir: Path) -> UsageStore:
@@ -182,8 +177,15 @@ class UsageStore:
             )
         except sqlite3.Error as exc:
             raise ReflectorError(f"cannot read usage ledger {path}: {exc}") from exc
+        return cls._checked(conn, path, _check_readable)
+
+    @classmethod
+    def _checked(
+        cls, conn: sqlite3.Connection, path: Path, check: Callable[[sqlite3.Connection, Path], None]
+    ) -> UsageStore:
+        """The store over `conn` once `check` accepts it; else `conn` is closed and it raises."""
         try:
-            _check_readable(conn, path)
+            check(conn, path)
         except BaseException:
             conn.close()
             raise
