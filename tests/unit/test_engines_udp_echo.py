@@ -339,15 +339,14 @@ def test_wrong_source_address_is_ignored(reflector: UdpEchoReflector) -> None:
     assert reflector.stats("s1").rx_packets == 0
 
 
-def _settled_count(reflector: UdpEchoReflector) -> int:
-    """The session's received count once it stops changing for SILENCE_S."""
+def _wait_until_settled(reflector: UdpEchoReflector) -> None:
+    """Return once the session's received count has not changed for SILENCE_S."""
     last, changed_at = -1, time.monotonic()
     while time.monotonic() - changed_at < SILENCE_S:
         count = reflector.stats("s1").rx_packets
         if count != last:
             last, changed_at = count, time.monotonic()
         time.sleep(0.005)
-    return last
 
 
 def _drain(sock: socket.socket) -> int:
@@ -371,7 +370,7 @@ def test_rate_clamp_holds_under_a_burst(reflector: UdpEchoReflector) -> None:
         for seq in range(burst):
             sock.send(_probe(seq))
         # The kernel may drop part of a burst: fine, the clamp applies to what arrives.
-        _settled_count(reflector)
+        _wait_until_settled(reflector)
         replies = _drain(sock)
     # The burst arrived within this span, so the clamp allowed at most this many replies.
     elapsed = time.monotonic() - start
