@@ -172,6 +172,7 @@ class EndpointService(Service):
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._checkpointing: asyncio.Task[None] | None = None
         self._finishing: set[asyncio.Task[None]] = set()
+        self._ending: dict[str, _Run] = {}  # sessions being finished, until their result is kept
 
     async def prepare(self) -> None:
         """Before READY=1: in direct mode, Reflector's nftables table must be in place.
@@ -611,7 +612,7 @@ class EndpointService(Service):
 
     def _ended_on_its_own(self, session_id: str, link: LinkProtocol) -> bool:
         """The peer's own session already ended (finishing now, or its result kept)."""
-        run = self.runs.get(session_id)
+        run = self.runs.get(session_id) or self._ending.get(session_id)
         if run is not None:
             return run.session.peer_id == link.peer_id
         kept = self.results.get(session_id)
@@ -629,6 +630,14 @@ class EndpointService(Service):
                 )
             return Result(
                 request_id=request.request_id, session_id=request.session_id, result=result
+            )
+        ending = self._ending.get(request.session_id)
+        if ending is not None and ending.session.peer_id == link.peer_id:
+            return ErrorResponse(
+                request_id=request.request_id,
+                code="result_pending",
+                message="the test has ended; its result is being collected",
+                retry_after=RESULT_PENDING_RETRY_SEC,
             )
         run = self.runs.get(request.session_id)
         if run is not None and run.session.peer_id == link.peer_id:
@@ -735,6 +744,14 @@ class EndpointService(Service):
         run = self.runs.pop(session.session_id, None)
         if run is None:
             return
+        # Until its result is kept, get_result and session_close find it ending, not unknown.
+        self._ending[session.session_id] = run
+        try:
+            await self._wind_up(session, run, graceful)
+        finally:
+            del self._ending[session.session_id]
+
+    async def _wind_up(self, session: Session, run: _Run, graceful: bool) -> None:
         run.counters.stop_all()
         result: dict[str, Any]
         pid = exit_code = None

@@ -92,6 +92,19 @@ async def soon(condition: Callable[[], object], within: float, what: str) -> Non
         await asyncio.sleep(0.1)
 
 
+async def result_when_kept(client: LinkClient, session_id: str, within: float) -> Result:
+    """Ask for the session's result every 50 ms until it is there; only result_pending may
+    come meanwhile."""
+    deadline = time.monotonic() + within
+    while True:
+        response = await client.request(GetResult(session_id=session_id), 30)
+        if isinstance(response, Result):
+            return response
+        assert getattr(response, "code", None) == "result_pending", response
+        assert time.monotonic() < deadline, f"no result within {within} s"
+        await asyncio.sleep(0.05)
+
+
 def tcp(duration: int = 2, streams: int = 1, reverse: bool = False) -> ThroughputParams:
     return ThroughputParams(duration_sec=duration, protocol="tcp", streams=streams, reverse=reverse)
 
@@ -302,11 +315,12 @@ def test_expiry_stops_an_engine_nobody_uses(
                 SessionRequest(test_type="throughput", params=tcp(1)), SessionGrant
             )
             assert len(iperf_servers()) == 1
-            # Expiry at 1 s test + 1 s slack; the rest is room for a loaded machine.
-            await soon(lambda: iperf_servers() == [], 10, "the engine stopped at expiry")
+            # Asked for all along, the result is pending (never unknown, not even while the
+            # ended session is wound up) until it is kept, after expiry at 1 s test + 1 s slack.
+            result = await result_when_kept(client, grant.session_id, within=10)
+            assert iperf_servers() == []
             status = await client.call(GetStatus(), StatusSnapshot)
             assert status.sessions == ()
-            result = await client.call(GetResult(session_id=grant.session_id), Result)
             assert result.result["outcome"] == "expired"
             assert result.result["error"]["code"] == "iperf3_timeout"
             # The token died with the session.
