@@ -171,7 +171,8 @@ class EndpointService(Service):
         self._timer: asyncio.TimerHandle | None = None
         self._checkpoint_timer: asyncio.TimerHandle | None = None
         self._checkpointing: asyncio.Task[None] | None = None
-        self._finishing: set[asyncio.Task[None]] = set()
+        # Sessions ended by expiry, a dropped link or a failed engine, being finished.
+        self._finishing: dict[str, asyncio.Task[None]] = {}
         self._ending: dict[str, _Run] = {}  # sessions being finished, until their result is kept
 
     async def prepare(self) -> None:
@@ -251,7 +252,7 @@ class EndpointService(Service):
         for session in self.manager.shutdown(session_clock.now()):
             self._spawn_finish(session)
         if self._finishing:
-            await asyncio.gather(*self._finishing, return_exceptions=True)
+            await asyncio.gather(*self._finishing.values(), return_exceptions=True)
         for echo in self._echoes.values():
             echo.close()
         self._echoes.clear()
@@ -601,7 +602,12 @@ class EndpointService(Service):
     async def _close(self, link: LinkProtocol, request: SessionClose) -> Response:
         closed = self.manager.close(request.session_id, link.peer_id, session_clock.now())
         if not isinstance(closed, Session) and self._ended_on_its_own(request.session_id, link):
-            return Ok(request_id=request.request_id)  # e.g. its engine failed: closing is done
+            # E.g. its engine failed: closing is done. Answered, as any close is, once the
+            # session's result is kept, so the peer's get_result that follows finds it.
+            finishing = self._finishing.get(request.session_id)
+            if finishing is not None:
+                await asyncio.wait([finishing])
+            return Ok(request_id=request.request_id)
         if not isinstance(closed, Session):
             return ErrorResponse(
                 request_id=request.request_id, code=closed.code.value, message=closed.message
@@ -736,8 +742,12 @@ class EndpointService(Service):
 
     def _spawn_finish(self, session: Session) -> None:
         task = asyncio.get_running_loop().create_task(self._finish(session))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        self._finishing[session.session_id] = task
+        task.add_done_callback(functools.partial(self._finished, session.session_id))
+
+    def _finished(self, session_id: str, task: asyncio.Task[None]) -> None:
+        if self._finishing.get(session_id) is task:
+            del self._finishing[session_id]
 
     async def _finish(self, session: Session, *, graceful: bool = False) -> None:
         """Stop the engine of an ended session, account its bytes, keep its result, audit."""
