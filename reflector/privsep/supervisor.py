@@ -262,8 +262,10 @@ class EngineSupervisor:
         engine = self.engines.get(req.test_id)
         if engine is None:
             return Refused(code="unknown_test", message=f"no engine for test {req.test_id}")
-        if engine.running and _is_zombie(engine.proc.pid):
-            await engine.proc.wait()  # it ended by itself (the caller saw EOF) but is unreaped
+        if engine.running and _is_exiting(engine.proc.pid):
+            # It is ending by itself (the caller saw EOF): let it, so it is not counted as ours.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(engine.proc.wait(), timeout=STOP_MARGIN_S)
         if engine.running:
             engine.ip_counters = await self.launcher.read_counters(engine)
             engine.stop_requested_at = self._clock()
@@ -455,13 +457,34 @@ def _has_socket(uid: int, req: StartEngine) -> bool:
     return False
 
 
-def _is_zombie(pid: int) -> bool:
-    """Whether our child `pid` has exited but is not reaped yet (state Z in /proc)."""
+# The kernel's flag for a task inside exit(); it is set before the task closes its files.
+_PF_EXITING: Final = 0x4
+
+
+def _is_exiting(pid: int) -> bool:
+    """Whether our child `pid` is ending by itself or has ended but is not reaped yet.
+
+    A caller that saw EOF on the engine's stdout may ask us to stop it before the exit shows as a
+    zombie: the kernel closes a task's files before it turns it into one. PF_EXITING is already
+    set at that point, so checking it as well as the state removes that window. A child gone
+    from /proc was reaped already by asyncio's watcher thread, which tells the loop a moment
+    later: that is an exit too.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
     except OSError:
         return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+    return stat_says_exiting(stat)
+
+
+def stat_says_exiting(stat: str) -> bool:
+    """Read /proc/PID/stat's state (field 3) and flags (field 9) past the command's ")"."""
+    fields = stat.rpartition(")")[2].split()
+    if len(fields) < 7 or not fields[6].isdigit():
+        return False
+    return fields[0] in ("Z", "X") or bool(int(fields[6]) & _PF_EXITING)
 
 
 def _count(value: object) -> int | None:
