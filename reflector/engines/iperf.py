@@ -251,13 +251,14 @@ class _Child:
     async def kill(self) -> None:
         """SIGTERM the group, then SIGKILL it after a short grace.
 
-        Only while the leader is unreaped: its pid is then still ours, so the group id cannot
-        have been reused by an unrelated process.
+        Only while asyncio has not reported the leader's exit: its pid is then ours, or reaped a
+        moment ago by asyncio's watcher thread, far too recently for the group id to have been
+        reused. The last wait is bounded too: a process stuck in the kernel must not hang us.
         """
         self._signal_group(signal.SIGTERM)
         if not await self.wait_until(time.monotonic() + TERM_GRACE_S):
             self._signal_group(signal.SIGKILL)
-            await self.proc.wait()
+            await self.wait_until(time.monotonic() + TERM_GRACE_S)
 
     def _signal_group(self, sig: signal.Signals) -> None:
         if self.proc.returncode is None:

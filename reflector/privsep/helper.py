@@ -98,6 +98,9 @@ SYSTEMCTL_TIMEOUT_S: Final = 10.0
 # The scope exists once systemd-run has moved itself into it, after one D-Bus round trip.
 SCOPE_TIMEOUT_S: Final = 5.0
 SCOPE_POLL_S: Final = 0.01
+# After an engine's own exit, systemd stops its scope once it hears the cgroup is empty: a few
+# milliseconds, up to a second on a busy host. Past this bound, stop_engine answers anyway.
+SCOPE_GONE_TIMEOUT_S: Final = 3.0
 # A send with fds on a fresh connection never blocks in practice; retry briefly if it does.
 SEND_RETRIES: Final = 50
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -243,7 +246,10 @@ class SystemdLauncher:
             argv = [SYSTEMCTL, "show", "-p", "IPIngressBytes,IPEgressBytes", "--", engine.unit]
             _, out = await _run(argv)
             return ip_counters_from_show(out)
-        # Ended by itself: the scope is unloaded; systemd logged its counters as it stopped.
+        # Ended by itself: once systemd has stopped the scope, it has logged the counters, and
+        # the sync makes journald store that record before we read it.
+        await _scope_gone(engine.unit)
+        await _run([JOURNALCTL, "--sync"])
         argv = [JOURNALCTL, "-o", "json", "--no-pager", "-n", "20", f"--unit={engine.unit}"]
         _, out = await _run(argv)
         records: list[dict[str, Any]] = []
@@ -272,6 +278,21 @@ async def _await_scope(proc: asyncio.subprocess.Process, unit: str) -> str | Non
                 return path
         await asyncio.sleep(SCOPE_POLL_S)
     return None
+
+
+async def _scope_gone(unit: str) -> None:
+    """Wait, bounded, until systemd has stopped `unit` and, as it was started with --collect,
+    unloaded it even if it failed: then its name is free and its counters are logged."""
+    deadline = time.monotonic() + SCOPE_GONE_TIMEOUT_S
+    argv = [SYSTEMCTL, "show", "-p", "ActiveState", "--value", "--", unit]
+    while time.monotonic() < deadline:
+        code, out = await _run(argv)
+        if code != 0 or out.strip() == "inactive":
+            return
+        await asyncio.sleep(SCOPE_POLL_S)
+    _log.warning(
+        "scope %s still not stopped %.0f s after its engine exited", unit, SCOPE_GONE_TIMEOUT_S
+    )
 
 
 async def stop_stale_scopes() -> None:

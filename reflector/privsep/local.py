@@ -174,8 +174,9 @@ async def spawn_limited(
 def terminate_group(proc: asyncio.subprocess.Process) -> None:
     """SIGTERM the process group, SIGKILL it after TERM_GRACE_S if the leader still runs.
 
-    Only while the leader is unreaped: its pid is then still ours, so the group id cannot
-    have been reused by an unrelated process.
+    Only while asyncio has not reported the leader's exit: its pid is then ours, or reaped a
+    moment ago by asyncio's watcher thread, far too recently for the group id to have been
+    reused (that needs the whole pid space to wrap).
     """
     if proc.returncode is not None:
         return

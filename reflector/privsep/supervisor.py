@@ -85,6 +85,7 @@ class Engine:
     stop_requested_at: float | None = None
     ip_counters: tuple[int | None, int | None] = (None, None)
     extra: dict[str, Any] = field(default_factory=dict)  # the launcher's own state (timers)
+    watcher: asyncio.Task[None] | None = None  # records the end; kept so it is not collected
 
     @property
     def running(self) -> bool:
@@ -217,7 +218,7 @@ class EngineSupervisor:
         finally:
             os.close(in_w)
         self.engines[req.test_id] = engine
-        asyncio.get_running_loop().create_task(self._watch(engine))
+        engine.watcher = asyncio.get_running_loop().create_task(self._watch(engine))
         ready = await self._wait_ready(engine)
         if not ready and engine.running:
             await self.launcher.stop(engine)
@@ -273,7 +274,7 @@ class EngineSupervisor:
             await self._reap(engine)
         else:
             engine.ip_counters = await self.launcher.read_counters(engine)
-        await asyncio.sleep(0)  # let _watch record the end
+        await self._watched(engine)
         del self.engines[req.test_id]
         ended = engine.ended if engine.ended is not None else self._clock()
         runtime_ms = max(0, round((ended - engine.started) * 1000))
@@ -287,6 +288,14 @@ class EngineSupervisor:
             ip_ingress_bytes=engine.ip_counters[0],
             ip_egress_bytes=engine.ip_counters[1],
         )
+
+    @staticmethod
+    async def _watched(engine: Engine) -> None:
+        """Wait until _watch has recorded the end: asyncio tells it a few loop turns after the
+        exit status is known, and the runtime (so `stopped_by`) is measured to that moment."""
+        if engine.watcher is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(engine.watcher), timeout=1.0)
 
     async def _reap(self, engine: Engine) -> None:
         try:

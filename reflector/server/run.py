@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Final
 
 from reflector import meta
 from reflector.audit import AuditLog, open_audit_log
@@ -38,6 +39,9 @@ from reflector.server.service import RefuseProtocol, Service, ServiceDeps
 from reflector.tls import server_context
 
 _log = logging.getLogger(__name__)
+
+# At shutdown, how long the aborted links may take to report their close (a few loop turns).
+LINKS_CLOSE_WAIT_S: Final = 1.0
 
 
 @dataclass
@@ -56,6 +60,7 @@ class Running:
         if self.health_server is not None:
             self.health_server.close()
         await self.listener.close()
+        await self.service.links_gone(LINKS_CLOSE_WAIT_S)
         await self.service.close()
         self.audit.emit("service_stop", reason=reason)
         self.audit.close()

@@ -421,6 +421,17 @@ class Service:
         for peer_id in revoked:
             self.on_peer_revoked(peer_id)
 
+    async def links_gone(self, timeout_s: float) -> None:
+        """Wait, bounded, until every link has reported its close.
+
+        A TLS link hears of its connection's abort a loop turn or two after the raw transport
+        does, and its close still ends that peer's sessions: it must come before close().
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.links and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()

@@ -98,6 +98,8 @@ def endpoint(systemd_host_module: SystemdHost) -> Iterator[Endpoint]:
 
 
 def journal_events(host: SystemdHost, kind: str) -> list[dict[str, str]]:
+    """The journal's records of one event kind, once journald has stored all it received."""
+    host.run(["journalctl", "--sync"])
     out = host.run(["journalctl", f"REFLECTOR_EVENT={kind}", "-o", "json", "--no-pager"]).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 

@@ -294,13 +294,20 @@ async def endpoint_with(state: Path, text: str) -> AsyncIterator[Running]:
 
 
 def iperf_servers() -> list[psutil.Process]:
-    me = psutil.Process()
-    return [p for p in me.children(recursive=True) if p.name() == "iperf3"]
+    """Our iperf3 children; one reaped while we look is simply not among them."""
+    return [p for p in psutil.Process().children(recursive=True) if _is_iperf3(p, server=False)]
 
 
 def iperf3_engines() -> list[psutil.Process]:
     """The endpoint's `iperf3 -s` among them (not an appliance's client)."""
-    return [p for p in iperf_servers() if "-s" in p.cmdline()]
+    return [p for p in psutil.Process().children(recursive=True) if _is_iperf3(p, server=True)]
+
+
+def _is_iperf3(proc: psutil.Process, *, server: bool) -> bool:
+    try:
+        return proc.name() == "iperf3" and (not server or "-s" in proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
 
 
 def test_expiry_stops_an_engine_nobody_uses(

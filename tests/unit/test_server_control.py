@@ -107,6 +107,33 @@ def test_a_paired_peer_is_served_and_audited(tmp_path: Path) -> None:
     run(body())
 
 
+def test_stopping_closes_every_live_link_before_the_service_closes(tmp_path: Path) -> None:
+    # A link hears of its abort a few loop turns after its transport; its close ends the peer's
+    # sessions, so stop() waits for it rather than closing the ledger and audit log under it.
+    async def body() -> None:
+        config = _with_state(parse_config_text(CONFIG), tmp_path / "endpoint")
+        ep = await start(config, addresses=["127.0.0.1:0"])
+        app = appliance(tmp_path, "app")
+        authorize(ep, app)
+        clients = [await connect(ep, app) for _ in range(3)]
+        assert len(ep.service.links) == 3
+        links_at_close: list[int] = []
+        close = ep.service.close
+
+        async def recording_close() -> None:
+            links_at_close.append(len(ep.service.links))
+            await close()
+
+        ep.service.close = recording_close  # type: ignore[method-assign]
+        await ep.stop("test over")
+        assert links_at_close == [0]
+        assert audit_records(ep)[-1]["reflector_event"] == "service_stop"
+        for client in clients:
+            await client.close()
+
+    run(body())
+
+
 def test_an_unknown_key_gets_unknown_peer_and_is_closed(tmp_path: Path) -> None:
     async def body() -> None:
         async with endpoint(tmp_path) as ep:
@@ -625,6 +652,9 @@ def test_200_idle_unauthenticated_connections_do_not_lock_out_a_paired_peer(
     run(body())
 
 
+TOO_MANY = "too_many_connections_from_source"
+
+
 def test_a_flooding_source_is_capped_and_audited_once(tmp_path: Path) -> None:
     async def body() -> None:
         async with endpoint(tmp_path, "max_connections_per_source = 4\n") as ep:
@@ -635,9 +665,14 @@ def test_a_flooding_source_is_capped_and_audited_once(tmp_path: Path) -> None:
                 sock.bind(("127.0.0.77", 0))
                 sock.connect(("127.0.0.1", port))
                 socks.append(sock)
-            await asyncio.sleep(0.3)
+            # The listener accepts and aborts the 8 beyond the cap a few loop turns later.
+            deadline = time.monotonic() + 5
+            while ep.listener.open_connections != 4 or not denies(ep, TOO_MANY):
+                assert time.monotonic() < deadline, ep.listener.open_connections
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # any further record would come now
             assert ep.listener.open_connections == 4
-            capped = denies(ep, "too_many_connections_from_source")
+            capped = denies(ep, TOO_MANY)
             assert len(capped) == 1  # a flood is folded into one audit record
             for sock in socks:
                 sock.close()
