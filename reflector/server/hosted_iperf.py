@@ -108,8 +108,7 @@ class HostedIperf:
             return
         self._stopped = True
         # Output still flowing when we stop it means iperf3 had not finished on its own. (The
-        # host's `stopped_by` can say "stop" for an engine that was exiting anyway: iperf3
-        # closes its output a moment before its process is reaped.)
+        # host waits for an engine that is already exiting, so its `stopped_by` says "exit".)
         self._cut_short = any(not task.done() for task in self._readers)
         try:
             self.exit = await self.host.stop_engine(self.test_id)
