@@ -71,8 +71,9 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 DEFAULT_HELPER_SOCKET: Final = "/run/reflector/privd.sock"
-# A start waits for the scope (<= 5 s) and the engine's port (<= 5 s); a stop for systemd's
-# stop timeout (2 s) and the reap. Beyond 30 s the helper is stuck: fail the test, not hang.
+# A start waits for the scope (<= 5 s) and the engine's port (<= 5 s); a stop for an exiting
+# engine (<= 3 s), then systemd's stop timeout (2 s) and the reap, or the scope's teardown
+# (<= 3 s) and a journal sync (<= 2 s). Beyond 30 s the helper is stuck: fail, not hang.
 CALL_TIMEOUT_S: Final = 30.0
 # An engine's JSON can be megabytes on one line (iperf3 -J); StreamReader's 64 KiB would split.
 READER_LIMIT: Final = 16 * 1024 * 1024

@@ -101,6 +101,9 @@ SCOPE_POLL_S: Final = 0.01
 # After an engine's own exit, systemd stops its scope once it hears the cgroup is empty: a few
 # milliseconds, up to a second on a busy host. Past this bound, stop_engine answers anyway.
 SCOPE_GONE_TIMEOUT_S: Final = 3.0
+# journald stores what it has received in milliseconds; a stuck one costs us the counters only.
+JOURNAL_SYNC_TIMEOUT_S: Final = 2.0
+SCOPE_GONE_POLL_S: Final = 0.02  # each poll is a systemctl process
 # A send with fds on a fresh connection never blocks in practice; retry briefly if it does.
 SEND_RETRIES: Final = 50
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -249,7 +252,7 @@ class SystemdLauncher:
         # Ended by itself: once systemd has stopped the scope, it has logged the counters, and
         # the sync makes journald store that record before we read it.
         await _scope_gone(engine.unit)
-        await _run([JOURNALCTL, "--sync"])
+        await _run([JOURNALCTL, "--sync"], timeout=JOURNAL_SYNC_TIMEOUT_S)
         argv = [JOURNALCTL, "-o", "json", "--no-pager", "-n", "20", f"--unit={engine.unit}"]
         _, out = await _run(argv)
         records: list[dict[str, Any]] = []
@@ -281,15 +284,16 @@ async def _await_scope(proc: asyncio.subprocess.Process, unit: str) -> str | Non
 
 
 async def _scope_gone(unit: str) -> None:
-    """Wait, bounded, until systemd has stopped `unit` and, as it was started with --collect,
-    unloaded it even if it failed: then its name is free and its counters are logged."""
+    """Wait, bounded, until systemd has stopped `unit` (inactive, which an unloaded unit also
+    reads; a failed one is unloaded soon, as it was started with --collect). By then systemd
+    has logged its counters, and a caller that asks right after sees it stopped."""
     deadline = time.monotonic() + SCOPE_GONE_TIMEOUT_S
     argv = [SYSTEMCTL, "show", "-p", "ActiveState", "--value", "--", unit]
-    while time.monotonic() < deadline:
-        code, out = await _run(argv)
+    while (left := deadline - time.monotonic()) > 0:
+        code, out = await _run(argv, timeout=left)
         if code != 0 or out.strip() == "inactive":
             return
-        await asyncio.sleep(SCOPE_POLL_S)
+        await asyncio.sleep(SCOPE_GONE_POLL_S)
     _log.warning(
         "scope %s still not stopped %.0f s after its engine exited", unit, SCOPE_GONE_TIMEOUT_S
     )

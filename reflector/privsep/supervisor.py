@@ -263,7 +263,7 @@ class EngineSupervisor:
         engine = self.engines.get(req.test_id)
         if engine is None:
             return Refused(code="unknown_test", message=f"no engine for test {req.test_id}")
-        if engine.running and _is_exiting(engine.proc.pid):
+        if engine.running and child_is_exiting(engine.proc.pid):
             # It is ending by itself (the caller saw EOF): let it, so it is not counted as ours.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(engine.proc.wait(), timeout=STOP_MARGIN_S)
@@ -275,7 +275,7 @@ class EngineSupervisor:
         else:
             engine.ip_counters = await self.launcher.read_counters(engine)
         await self._watched(engine)
-        del self.engines[req.test_id]
+        self.engines.pop(req.test_id, None)  # a second stop may have come meanwhile
         ended = engine.ended if engine.ended is not None else self._clock()
         runtime_ms = max(0, round((ended - engine.started) * 1000))
         code = engine.proc.returncode
@@ -294,8 +294,7 @@ class EngineSupervisor:
         """Wait until _watch has recorded the end: asyncio tells it a few loop turns after the
         exit status is known, and the runtime (so `stopped_by`) is measured to that moment."""
         if engine.watcher is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(engine.watcher), timeout=1.0)
+            await asyncio.wait({engine.watcher}, timeout=1.0)  # never raises, never cancels
 
     async def _reap(self, engine: Engine) -> None:
         try:
@@ -470,19 +469,23 @@ def _has_socket(uid: int, req: StartEngine) -> bool:
 _PF_EXITING: Final = 0x4
 
 
-def _is_exiting(pid: int) -> bool:
-    """Whether our child `pid` is ending by itself or has ended but is not reaped yet.
+def child_is_exiting(pid: int) -> bool:
+    """Whether our child `pid` is ending by itself, or has ended and is not yet reported.
 
-    A caller that saw EOF on the engine's stdout may ask us to stop it before the exit shows as a
-    zombie: the kernel closes a task's files before it turns it into one. PF_EXITING is already
-    set at that point, so checking it as well as the state removes that window. A child gone
-    from /proc was reaped already by asyncio's watcher thread, which tells the loop a moment
-    later: that is an exit too.
+    A caller that saw EOF on the engine's stdout may ask us to stop it before the exit shows:
+    the kernel closes a task's files before it turns it into a zombie, and asyncio's watcher
+    thread reaps a child a moment before the event loop hears of it. So: a zombie (waitid with
+    WNOWAIT, which does not reap), a child reaped already (ChildProcessError), or a task inside
+    exit() (PF_EXITING, set before its files close). /proc is read for that flag only, so a
+    /proc that hides the engine user's processes (hidepid) reads as "running".
     """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+        if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+            return True
+    except ChildProcessError:
         return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
     return stat_says_exiting(stat)

@@ -5,6 +5,7 @@ through the passed file descriptors; the helper serves only its parent's uid."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -36,7 +37,7 @@ from reflector.privsep import (
 from reflector.privsep.helper import serve_helper
 from reflector.privsep.local import LocalLauncher, Rlimits, rlimits_for, spawn_limited
 from reflector.privsep.protocol import HEADER, MAX_FRAME_BYTES, FrameReader, decode_response
-from reflector.privsep.supervisor import stat_says_exiting
+from reflector.privsep.supervisor import child_is_exiting, stat_says_exiting
 
 IPERF3 = shutil.which("iperf3") or "/usr/bin/iperf3"
 needs_iperf3 = pytest.mark.skipif(not os.access(IPERF3, os.X_OK), reason="iperf3 not installed")
@@ -461,16 +462,20 @@ def test_a_task_inside_exit_or_a_zombie_counts_as_ending_by_itself() -> None:
     assert not stat_says_exiting("4242 (truncated) S 1")
 
 
-def test_a_live_process_is_not_ending_and_an_unreaped_one_is() -> None:
+def test_a_live_child_is_not_ending_and_an_unreaped_or_reaped_one_is() -> None:
     proc = subprocess.Popen(["sleep", "30"])
     try:
-        stat = Path(f"/proc/{proc.pid}/stat")
-        assert not stat_says_exiting(stat.read_text())
+        assert not child_is_exiting(proc.pid)
         proc.kill()
         deadline = time.monotonic() + 10
-        while not stat_says_exiting(stat.read_text()) and time.monotonic() < deadline:
+        while not child_is_exiting(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert stat_says_exiting(stat.read_text())  # killed, not yet reaped
+        assert child_is_exiting(proc.pid)  # killed, a zombie: asked without reaping it
+        assert child_is_exiting(proc.pid)
+        os.waitpid(proc.pid, 0)  # as asyncio's watcher thread does before the loop hears
+        assert child_is_exiting(proc.pid)
     finally:
-        proc.kill()
-        proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(ChildProcessError):
+            proc.wait()

@@ -113,10 +113,6 @@ def test_stopping_closes_every_live_link_before_the_service_closes(tmp_path: Pat
     async def body() -> None:
         config = _with_state(parse_config_text(CONFIG), tmp_path / "endpoint")
         ep = await start(config, addresses=["127.0.0.1:0"])
-        app = appliance(tmp_path, "app")
-        authorize(ep, app)
-        clients = [await connect(ep, app) for _ in range(3)]
-        assert len(ep.service.links) == 3
         links_at_close: list[int] = []
         close = ep.service.close
 
@@ -125,11 +121,18 @@ def test_stopping_closes_every_live_link_before_the_service_closes(tmp_path: Pat
             await close()
 
         ep.service.close = recording_close  # type: ignore[method-assign]
-        await ep.stop("test over")
+        clients = []
+        try:
+            app = appliance(tmp_path, "app")
+            authorize(ep, app)
+            clients = [await connect(ep, app) for _ in range(3)]
+            assert len(ep.service.links) == 3
+        finally:
+            await ep.stop("test over")
+            for client in clients:
+                await client.close()
         assert links_at_close == [0]
         assert audit_records(ep)[-1]["reflector_event"] == "service_stop"
-        for client in clients:
-            await client.close()
 
     run(body())
 
