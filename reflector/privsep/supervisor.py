@@ -49,7 +49,7 @@ __all__ = [
     "EngineSupervisor",
     "Firewall",
     "Launcher",
-    "bound_ports",
+    "bound_sockets",
     "load_firewall",
 ]
 
@@ -254,7 +254,7 @@ class EngineSupervisor:
     async def _wait_ready(self, engine: Engine) -> bool:
         deadline = self._clock() + STARTUP_TIMEOUT_S
         while self._clock() < deadline and engine.running:
-            if _has_socket(engine.uid, engine.request):
+            if _has_socket(engine):
                 return True
             await asyncio.sleep(READY_POLL_S)
         return False
@@ -430,39 +430,75 @@ def _stopped_by(engine: Engine, runtime_ms: int) -> StoppedBy:
 _TCP_LISTEN: Final = "0A"
 
 
-def bound_ports(table: str, *, listening_only: bool) -> set[tuple[int, int]]:
-    """(local port, uid) of each socket in a /proc/net/{tcp,tcp6,udp,udp6} table."""
-    found: set[tuple[int, int]] = set()
+@dataclass(frozen=True)
+class BoundSocket:
+    """One row of a /proc/net/{tcp,tcp6,udp,udp6} table: who holds which local port."""
+
+    port: int
+    uid: int
+    inode: int
+
+
+def bound_sockets(table: str, *, listening_only: bool) -> list[BoundSocket]:
+    """The sockets of a /proc/net/{tcp,tcp6,udp,udp6} table (TCP LISTEN only, if asked)."""
+    found: list[BoundSocket] = []
     for line in table.splitlines()[1:]:
         cols = line.split()
-        if len(cols) < 8 or ":" not in cols[1]:
+        if len(cols) < 10 or ":" not in cols[1]:
             continue
         if listening_only and cols[3] != _TCP_LISTEN:
             continue
         try:
-            found.add((int(cols[1].rsplit(":", 1)[1], 16), int(cols[7])))
+            port = int(cols[1].rsplit(":", 1)[1], 16)
+            found.append(BoundSocket(port=port, uid=int(cols[7]), inode=int(cols[9])))
         except ValueError:
             continue
     return found
 
 
-def _has_socket(uid: int, req: StartEngine) -> bool:
-    """Whether a socket of `uid` is bound to the engine's port (TCP LISTEN for iperf3).
+def _has_socket(engine: Engine) -> bool:
+    """Whether the engine itself has bound its port (TCP LISTEN for iperf3).
 
     Read from the kernel's socket tables, never by connecting: a probe connection would be the
-    one client that `iperf3 --one-off` serves. /proc/net is world-readable, so the helper needs
-    no CAP_SYS_PTRACE to look at another user's process.
+    one client that `iperf3 --one-off` serves. /proc/net is world-readable; the socket must be
+    the engine user's, and where we may read the engine's descriptors (our own uid: the local
+    fallback) one of them, so another program of that uid on the port is not taken for it. The
+    helper may not (no CAP_SYS_PTRACE), and its engine user runs nothing but engines.
     """
+    req = engine.request
     proto = "tcp" if req.kind == "iperf3" else "udp"
+    inodes: set[int] = set()
     for suffix in ("", "6"):
         try:
             with open(f"/proc/net/{proto}{suffix}", encoding="ascii") as fh:
                 table = fh.read()
         except OSError:
             continue
-        if (req.port, uid) in bound_ports(table, listening_only=proto == "tcp"):
-            return True
-    return False
+        for sock in bound_sockets(table, listening_only=proto == "tcp"):
+            if sock.port == req.port and sock.uid == engine.uid:
+                inodes.add(sock.inode)
+    if not inodes:
+        return False
+    held = socket_inodes(engine.proc.pid)
+    return held is None or not inodes.isdisjoint(held)
+
+
+def socket_inodes(pid: int) -> set[int] | None:
+    """The inodes of the sockets `pid` holds; None if we may not look (another uid)."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except PermissionError:
+        return None
+    except OSError:
+        return set()  # gone
+    held: set[int] = set()
+    for name in names:
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"{fd_dir}/{name}")
+            if target.startswith("socket:[") and target.endswith("]"):
+                held.add(int(target[8:-1]))
+    return held
 
 
 # The kernel's flag for a task inside exit(); it is set before the task closes its files.

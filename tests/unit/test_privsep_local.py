@@ -224,6 +224,34 @@ async def _iperf3_json_comes_back_through_the_stdout_fd_body(host: LocalEngineHo
 
 
 @needs_iperf3
+def test_another_program_of_ours_on_the_port_is_not_taken_for_the_engine() -> None:
+    with_host(_another_program_on_the_port_body)
+
+
+async def _another_program_on_the_port_body(host: LocalEngineHost) -> None:
+    # Same uid, same port: the socket tables alone would say "ready" while iperf3 fails to bind.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", BASE + 4))
+        squatter.listen()
+        handle = await host.start_engine(
+            test_id="local-squatted",
+            kind="iperf3",
+            port=BASE + 4,
+            duration_s=5,
+            bind="127.0.0.1",
+            peer="127.0.0.1",
+            limits=LIMITS,
+        )
+        assert not handle.ready
+        out = await open_reader(handle.stdout_fd)
+        os.close(handle.stderr_fd)
+        doc = json.loads(await asyncio.wait_for(out.read(), 10))  # -J: the error is in the JSON
+        assert "in use" in doc["error"]
+        ended = await host.stop_engine("local-squatted")
+        assert ended.exit_code != 0
+
+
+@needs_iperf3
 def test_the_timer_ends_an_engine_at_duration_plus_grace() -> None:
     with_host(_the_timer_ends_an_engine_at_duration_plus_grace_body)
 
