@@ -25,6 +25,7 @@ import pytest
 from reflector.config import Config, parse_config_text
 from reflector.engines.iperf import run_client
 from reflector.privsep import (
+    EngineHandle,
     EngineLimits,
     FirewallUnavailable,
     HelperMissing,
@@ -71,6 +72,21 @@ runtime_grace_sec = {GRACE_S}
 
 CONFIG = make_config()
 LIMITS = EngineLimits.from_config(CONFIG)
+
+
+async def start_iperf3(
+    host: LocalEngineHost, test_id: str, port: int, *, duration_s: int
+) -> EngineHandle:
+    """An iperf3 engine on loopback under the test limits, as the service starts one."""
+    return await host.start_engine(
+        test_id=test_id,
+        kind="iperf3",
+        port=port,
+        duration_s=duration_s,
+        bind="127.0.0.1",
+        peer="127.0.0.1",
+        limits=LIMITS,
+    )
 
 
 def with_host(body: Callable[[LocalEngineHost], Awaitable[None]]) -> None:
@@ -200,15 +216,7 @@ def test_iperf3_json_comes_back_through_the_stdout_fd() -> None:
 
 async def _iperf3_json_comes_back_through_the_stdout_fd_body(host: LocalEngineHost) -> None:
     port = BASE + 1
-    handle = await host.start_engine(
-        test_id="local-iperf",
-        kind="iperf3",
-        port=port,
-        duration_s=5,
-        bind="127.0.0.1",
-        peer="127.0.0.1",
-        limits=LIMITS,
-    )
+    handle = await start_iperf3(host, "local-iperf", port, duration_s=5)
     assert handle.ready
     assert "rlimit_as" in handle.protections
     out, err = await open_reader(handle.stdout_fd), await open_reader(handle.stderr_fd)
@@ -233,15 +241,7 @@ async def _another_program_on_the_port_body(host: LocalEngineHost) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", BASE + 4))
         squatter.listen()
-        handle = await host.start_engine(
-            test_id="local-squatted",
-            kind="iperf3",
-            port=BASE + 4,
-            duration_s=5,
-            bind="127.0.0.1",
-            peer="127.0.0.1",
-            limits=LIMITS,
-        )
+        handle = await start_iperf3(host, "local-squatted", BASE + 4, duration_s=5)
         assert not handle.ready
         out = await open_reader(handle.stdout_fd)
         os.close(handle.stderr_fd)
@@ -258,15 +258,7 @@ def test_the_timer_ends_an_engine_at_duration_plus_grace() -> None:
 
 async def _the_timer_ends_an_engine_at_duration_plus_grace_body(host: LocalEngineHost) -> None:
     started = time.monotonic()
-    handle = await host.start_engine(
-        test_id="local-late",
-        kind="iperf3",
-        port=BASE + 2,
-        duration_s=1,
-        bind="127.0.0.1",
-        peer="127.0.0.1",
-        limits=LIMITS,
-    )
+    handle = await start_iperf3(host, "local-late", BASE + 2, duration_s=1)
     os.close(handle.stderr_fd)
     out = await open_reader(handle.stdout_fd)
     await asyncio.wait_for(out.read(), 10)  # nobody came: only the timer ends it
