@@ -61,13 +61,15 @@ STARTUP_TIMEOUT_S: Final = 5.0
 # How often start() looks for the engine's socket while it starts.
 READY_POLL_S: Final = 0.02
 # After a stop, the engine must be gone within systemd's stop timeout plus this margin; then it
-# is SIGKILLed directly (it is our unreaped child, so its pid cannot have been reused).
+# is SIGKILLed directly (asyncio has not reported its exit, so its pid is not reused yet).
 STOP_MARGIN_S: Final = 3.0
 # An engine that ended is kept for its stop_engine (the exit status) this long at most, in
 # count: a parent that never asks cannot grow the table.
 MAX_EXITED_KEPT: Final = 64
 # An exit within this much of RuntimeMaxSec= is systemd's (or the local timer's) doing.
 RUNTIME_LIMIT_SLACK_S: Final = 1.0
+# asyncio tells the watch task of an exit a few loop turns after the status is known.
+WATCH_WAIT_S: Final = 1.0
 
 
 @dataclass
@@ -294,7 +296,7 @@ class EngineSupervisor:
         """Wait until _watch has recorded the end: asyncio tells it a few loop turns after the
         exit status is known, and the runtime (so `stopped_by`) is measured to that moment."""
         if engine.watcher is not None:
-            await asyncio.wait({engine.watcher}, timeout=1.0)  # never raises, never cancels
+            await asyncio.wait({engine.watcher}, timeout=WATCH_WAIT_S)  # never raises or cancels
 
     async def _reap(self, engine: Engine) -> None:
         try:

@@ -45,6 +45,8 @@ _log = logging.getLogger(__name__)
 # re-check on their own; this only catches a revoked peer that sits idle. No timer runs when no
 # connection is open (idle footprint: zero wakeups).
 REVOCATION_POLL_SEC = 2.0
+# How often a shutdown looks whether the aborted links have all reported their close.
+LINKS_GONE_POLL_SEC = 0.01
 # Pairing tokens carry 192 bits, so guessing is hopeless; the limit stops log flooding and
 # wasted work: at most this many failed attempts per source per window.
 PAIRING_FAILURES_PER_WINDOW = 5
@@ -430,7 +432,7 @@ class Service:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while self.links and loop.time() < deadline:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(LINKS_GONE_POLL_SEC)
 
     async def close(self) -> None:
         if self._watch is not None:
